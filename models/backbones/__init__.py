@@ -1,0 +1,1 @@
+"""Image backbones, one architecture per file (FocalNet, Swin), with official parameter names."""

@@ -1,0 +1,1 @@
+"""The embedded demo model: the ShapesWorld renderer, its training and its evaluation."""

@@ -1,0 +1,2 @@
+"""The language side: the offline CLIP BPE tokenizer, the CLIP-style text encoder and the prompt
+templates used to embed class names."""
