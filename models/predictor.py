@@ -1,17 +1,28 @@
 """The model-level API the service calls: one object per loaded model.
 
     predictor = Predictor.from_config(name, checkpoint=None, device="cpu", runtime="torch")
-    predictor.encode_texts(names)                  -> Tensor (N, D), template-averaged, normalised
+    predictor.model_id                              -> str, config name + checkpoint hash (cache keys)
+    predictor.info                                  -> dict: name, tasks, runtime, device, input sizes
+    predictor.encode_texts(names)                   -> Tensor (N, D): one class embedding per name,
+                                                       81-template averaged, normalised
     predictor.segment(images, class_embeddings, task, thing_flags=None, threshold=None)
-                                                   -> list[SegmentationResult]
+                                                    -> list[SegmentationResult]
     predictor.refer(images, phrases, multi=False, threshold=None) -> list[ReferringResult]
-    predictor.caption(images)                      -> list[str]
-    predictor.embed_images(images)                 -> Tensor (B, D)
-    predictor.embed_texts(texts)                   -> Tensor (N, D)
+    predictor.caption(images)                       -> list[str]
+    predictor.embed_images(images)                  -> Tensor (B, D)
+    predictor.embed_texts(texts)                    -> Tensor (N, D)
+    predictor.retrieve(images, texts)               -> Tensor (B, N): image x text scores
 
-Images are RGB uint8 numpy arrays of shape (H, W, 3), each of its own size; a list of them goes
-through one batched forward pass with padding. Masks in results are boolean numpy arrays at the
-original image size (H, W).
+Conventions:
+- `images` is a list of RGB uint8 numpy arrays (H, W, 3), each of its own size; the list goes through
+  one batched forward pass with padding and gives the same results as one image at a time.
+- `class_embeddings` is a list with one (C_i, D) tensor per image (rows of `encode_texts`), so images
+  with different vocabularies share a batch; "background" is appended inside `segment`.
+  `thing_flags` is a list with one list of C_i bools per image (None: every class is a thing).
+- `task` is "semantic", "instance" or "panoptic". `threshold` overrides the task's score threshold.
+- `refer` takes one phrase per image. `multi=False` returns the best match; `multi=True` every
+  grounding query whose score passes the threshold, possibly none.
+- Masks in results are boolean numpy arrays at the original image size (H, W).
 """
 
 from __future__ import annotations
