@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 # Creates .venv and installs the project with its test tools. Idempotent: it reinstalls only
 # when pyproject.toml changed since the last run.
-setup: $(STAMP) redis
+setup: $(STAMP) redis promtool
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,21 @@ redis:
 	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
 	    (apt-get install -y -q redis-server || (apt-get update -q && apt-get install -y -q redis-server)) >/dev/null; \
 	  else echo "redis-server is missing: install it (e.g. 'sudo apt-get install redis-server')" >&2; exit 1; fi; }
+
+# promtool checks the alert rules in tests/test_deploy.py. Only the binary is unpacked from Debian's
+# prometheus package into .cache/tools (nothing is installed or started); without apt the check is skipped.
+PROMTOOL := .cache/tools/bin/promtool
+.PHONY: promtool
+promtool:
+	@command -v promtool >/dev/null 2>&1 || test -x $(PROMTOOL) || { \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    tmp=$$(mktemp -d); \
+	    (cd $$tmp && (apt-get download -q prometheus || (apt-get update -q && apt-get download -q prometheus))) >/dev/null 2>&1 \
+	      && dpkg-deb -x $$tmp/prometheus_*.deb $$tmp/root && mkdir -p $(dir $(PROMTOOL)) \
+	      && cp $$tmp/root/usr/bin/promtool $(PROMTOOL) \
+	      || echo "could not unpack promtool from Debian's prometheus package" >&2; \
+	    rm -rf $$tmp; \
+	  else echo "promtool is missing: the rule check in tests/test_deploy.py is skipped" >&2; fi; }
 
 serve: setup
 	$(BIN)/openset serve
