@@ -1,0 +1,118 @@
+"""Named model configurations: one per released X-Decoder checkpoint, plus the small `demo` model.
+
+Plain dataclasses, no yaml. `get_config(name)` returns a fresh copy that callers may modify.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+
+@dataclass
+class FocalNetConfig:
+    """FocalNet backbone. `variant` is "focal_dw" (Focal-T: dw1/dw2 convs, post-LN on the sum) or
+    "focal" (Focal-L: no depthwise convs, post-LN on the branch, stem padding 2)."""
+
+    variant: str = "focal_dw"
+    embed_dim: int = 96
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    focal_levels: int = 3
+    focal_window: int = 3
+    mlp_ratio: float = 4.0
+    patch_size: int = 4
+
+    @property
+    def out_channels(self) -> list[int]:
+        """Channels of res2..res5: embed_dim * 2**i."""
+        return [self.embed_dim * 2**i for i in range(len(self.depths))]
+
+
+@dataclass
+class PixelDecoderConfig:
+    """The `transformer_encoder_fpn` pixel decoder (FPN + transformer encoder on res5)."""
+
+    conv_dim: int = 512
+    mask_dim: int = 512
+    num_heads: int = 8
+    dim_feedforward: int = 2048
+    num_encoder_layers: int = 6
+    norm_groups: int = 32
+
+
+@dataclass
+class DecoderConfig:
+    """The X-Decoder transformer decoder. `num_queries` counts the object queries plus the class query
+    (the last one); `num_layers` is the number of decoder layers (the official DEC_LAYERS minus 1)."""
+
+    hidden_dim: int = 512
+    num_heads: int = 8
+    dim_feedforward: int = 2048
+    num_layers: int = 9
+    num_queries: int = 101
+    context_length: int = 77
+    num_feature_levels: int = 3
+
+
+@dataclass
+class TextConfig:
+    """The CLIP-style text encoder (the fields `models.language.text_encoder.TextEncoderConfig` needs)."""
+
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    projection_dim: int = 512
+
+
+@dataclass
+class XDecoderConfig:
+    """A complete X-Decoder model: backbone, pixel decoder, decoder and text encoder."""
+
+    name: str
+    backbone: FocalNetConfig = field(default_factory=FocalNetConfig)
+    pixel_decoder: PixelDecoderConfig = field(default_factory=PixelDecoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    # Set for released configs: where the keys manifest of the official model lives in the reference data.
+    reference_keys: str | None = None
+    released: bool = True
+
+
+_CONFIGS: dict[str, XDecoderConfig] = {
+    "xdecoder-focalt": XDecoderConfig(
+        name="xdecoder-focalt",
+        backbone=FocalNetConfig(variant="focal_dw", embed_dim=96, depths=(2, 2, 6, 2), focal_levels=3),
+        reference_keys="xdecoder_focalt/keys.json",
+    ),
+    "xdecoder-focall": XDecoderConfig(
+        name="xdecoder-focall",
+        backbone=FocalNetConfig(variant="focal", embed_dim=192, depths=(2, 2, 18, 2), focal_levels=4),
+        decoder=DecoderConfig(num_queries=201),
+        reference_keys="xdecoder_focall/keys.json",
+    ),
+    # A small model of the same architecture (about 15 MB fp32) for the embedded default and fast tests.
+    # It keeps the real CLIP vocabulary so the real tokenizer drives it.
+    "demo": XDecoderConfig(
+        name="demo",
+        backbone=FocalNetConfig(variant="focal_dw", embed_dim=16, depths=(1, 1, 2, 1), focal_levels=2),
+        pixel_decoder=PixelDecoderConfig(
+            conv_dim=64, mask_dim=64, num_heads=4, dim_feedforward=128, num_encoder_layers=1, norm_groups=8
+        ),
+        decoder=DecoderConfig(hidden_dim=64, num_heads=4, dim_feedforward=128, num_layers=3, num_queries=17),
+        text=TextConfig(width=64, layers=2, heads=4, projection_dim=64),
+        released=False,
+    ),
+}
+
+
+def config_names() -> list[str]:
+    return list(_CONFIGS)
+
+
+def get_config(name: str) -> XDecoderConfig:
+    """A copy of the named config; unknown names raise a `KeyError` listing the known ones."""
+    if name not in _CONFIGS:
+        raise KeyError(f"unknown model config {name!r}; known configs: {', '.join(_CONFIGS)}")
+    return copy.deepcopy(_CONFIGS[name])
