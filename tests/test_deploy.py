@@ -8,6 +8,7 @@ with promql-parser, and every metric it names must be one the service exports.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import re
@@ -22,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jsonschema
 import promql_parser
 import pytest
@@ -119,11 +121,18 @@ def design_metrics() -> dict[str, dict[str, Any]]:
 
 
 def service_exposition() -> str:
-    """What the service's /metrics serves: the text exposition of its metrics registry."""
-    metrics = pytest.importorskip("service.metrics", reason="service/metrics.py is not in this checkout")
-    from prometheus_client import generate_latest
+    """The body of the service's real `GET /metrics` (the app in-process; no workers are started)."""
+    app_module = pytest.importorskip("service.app", reason="service/app.py is not in this checkout")
+    from service.settings import Settings
 
-    return generate_latest(metrics.Metrics().registry).decode()
+    async def get_metrics() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app_module.create_app(Settings()))
+        async with httpx.AsyncClient(transport=transport, base_url="http://openset") as client:
+            return await client.get("/metrics")
+
+    response = asyncio.run(get_metrics())
+    assert response.status_code == 200
+    return response.text
 
 
 def base_metric(name: str, histograms: set[str]) -> str:
