@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 # Creates .venv and installs the project with its test tools. Idempotent: it reinstalls only
 # when pyproject.toml changed since the last run.
-setup: $(STAMP) redis promtool
+setup: $(STAMP) redis promtool ops
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ promtool:
 	      || echo "could not unpack promtool from Debian's prometheus package" >&2; \
 	    rm -rf $$tmp; \
 	  else echo "promtool is missing: the rule check in tests/test_deploy.py is skipped" >&2; fi; }
+
+# Builds the C++ multi-scale deformable attention kernel once into .cache/torch_extensions (later runs
+# only check it). Without a compiler the operator falls back to its reference with a warning.
+.PHONY: ops
+ops: $(STAMP)
+	@$(BIN)/python -m models.ops.cpu_kernel || echo "C++ ms_deform_attn kernel not built: using the reference" >&2
 
 serve: setup
 	$(BIN)/openset serve
