@@ -42,7 +42,7 @@ promtool:
 # only check it). Without a compiler the operator falls back to its reference with a warning.
 .PHONY: ops
 ops: $(STAMP)
-	@$(BIN)/python -m models.ops.cpu_kernel || echo "C++ ms_deform_attn kernel not built: using the reference" >&2
+	@$(BIN)/python -m models.ops.build || echo "C++ ms_deform_attn kernel not built: using the reference" >&2
 
 serve: setup
 	$(BIN)/openset serve
