@@ -4,7 +4,7 @@ The source is `csrc/ms_deform_attn_cpu.cpp`. The build goes to `.cache/torch_ext
 repository (git-ignored) or, for an installed package, to `~/.cache/openset/torch_extensions/`;
 `OPENSET_EXTENSIONS_DIR` overrides both. PyTorch rebuilds only when the source or flags change.
 When the build fails (no compiler, no ninja), `load_cpu_extension()` returns None after one
-warning and the operator falls back to the reference. `python -m models.ops.cpu_kernel` builds it
+warning and the operator falls back to the reference. `python -m models.ops.build` builds it
 ahead of time (`make setup` does).
 """
 
@@ -56,7 +56,7 @@ def load_cpu_extension() -> ModuleType | None:
         warnings.warn(
             f"openset: the C++ multi-scale deformable attention kernel could not be built ({error}); "
             "falling back to the slower grid_sample reference on CPU. Install a C++ compiler and "
-            "ninja, then run `python -m models.ops.cpu_kernel`.",
+            "ninja, then run `python -m models.ops.build`.",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -85,10 +85,3 @@ def ms_deform_attn_cpu(
     if extension is None:
         raise RuntimeError("the C++ ms_deform_attn kernel is not built (see the warning above)")
     return extension.forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-
-
-if __name__ == "__main__":
-    module = load_cpu_extension()
-    if module is None:
-        raise SystemExit(1)
-    print(f"built {EXTENSION_NAME} in {build_directory()}")
