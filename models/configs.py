@@ -66,6 +66,25 @@ class TextConfig:
     projection_dim: int = 512
 
 
+@dataclass(frozen=True)
+class ResizeRule:
+    """`short`/`max_size`: detectron2 ResizeShortestEdge; `fixed`: exact (h, w), aspect not kept."""
+
+    short: int | None = None
+    max_size: int | None = None
+    fixed: tuple[int, int] | None = None
+
+
+def official_resize() -> dict[str, ResizeRule]:
+    """The resize of each task's official evaluation data path (spec 2.1)."""
+    return {
+        "segmentation": ResizeRule(short=800, max_size=1333),
+        "grounding": ResizeRule(short=512, max_size=1024),
+        "captioning": ResizeRule(fixed=(224, 224)),
+        "retrieval": ResizeRule(fixed=(224, 224)),
+    }
+
+
 @dataclass
 class XDecoderConfig:
     """A complete X-Decoder model: backbone, pixel decoder, decoder and text encoder."""
@@ -75,6 +94,7 @@ class XDecoderConfig:
     pixel_decoder: PixelDecoderConfig = field(default_factory=PixelDecoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    resize: dict[str, ResizeRule] = field(default_factory=official_resize)
     # Set for released configs: where the keys manifest of the official model lives in the reference data.
     reference_keys: str | None = None
     released: bool = True
@@ -102,6 +122,12 @@ _CONFIGS: dict[str, XDecoderConfig] = {
         ),
         decoder=DecoderConfig(hidden_dim=64, num_heads=4, dim_feedforward=128, num_layers=3, num_queries=17),
         text=TextConfig(width=64, layers=2, heads=4, projection_dim=64),
+        resize={
+            "segmentation": ResizeRule(short=256, max_size=512),
+            "grounding": ResizeRule(short=256, max_size=512),
+            "captioning": ResizeRule(fixed=(128, 128)),
+            "retrieval": ResizeRule(fixed=(128, 128)),
+        },
         released=False,
     ),
 }

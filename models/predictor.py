@@ -27,9 +27,30 @@ Conventions:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
+
+from models.checkpoint import load_checkpoint, quick_hash
+from models.configs import get_config
+from models.decoders.xdecoder import class_logits
+from models.language.tokenizer import ClipTokenizer
+from models.postprocess import (
+    caption_from_tokens,
+    grounding_scores,
+    instance_inference,
+    panoptic_inference,
+    resize_mask_logits,
+    retrieval_scores,
+    select_referring,
+    semantic_inference,
+)
+from models.preprocess import ImageBatch, batch_images
+from models.xdecoder import ImageFeatures, XDecoderModel
 
 
 @dataclass
@@ -71,3 +92,253 @@ class ReferringResult:
     phrase: str
     image_size: tuple[int, int]
     matches: list[ReferringMatch] = field(default_factory=list)
+
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("semantic", "instance", "panoptic", "refer", "caption", "retrieve", "embed")
+SEGMENT_TASKS = ("semantic", "instance", "panoptic")
+# Official evaluation thresholds (spec 2.6): panoptic keeps queries above OBJECT_MASK_THRESHOLD;
+# instance keeps the top-100 (our default threshold 0.0 keeps every non-empty one).
+OBJECT_MASK_THRESHOLD = 0.8
+OVERLAP_THRESHOLD = 0.8
+INSTANCE_TOPK = 100
+INSTANCE_THRESHOLD = 0.0
+# Referring match scores are the cosine of a grounding query with the phrase (the official grounding
+# score without its temperature); multi-match keeps those above this threshold.
+REFER_THRESHOLD = 0.5
+CAPTION_STEPS = 50
+DEMO_WEIGHTS = Path(__file__).with_name("weights") / "demo.safetensors"
+DEMO_SEED = 0
+
+
+def build_model(name: str, checkpoint: str | Path | None) -> tuple[XDecoderModel, str]:
+    """The model of config `name` with its weights, and the weights' identity for `model_id`."""
+    cfg = get_config(name)
+    if checkpoint is None and cfg.released:
+        raise ValueError(
+            f"model {name!r} needs a checkpoint: pass checkpoint=PATH (the service setting is "
+            "OPENSET_CHECKPOINT) pointing at the released .pt or .safetensors file"
+        )
+    if checkpoint is None and DEMO_WEIGHTS.is_file():
+        checkpoint = DEMO_WEIGHTS
+    if checkpoint is not None:
+        model = XDecoderModel(cfg)
+        load_checkpoint(model, checkpoint)
+        return model.eval(), quick_hash(checkpoint)[:12]
+    logger.warning("no weights for %r at %s: using an untrained, seeded initialisation", name, DEMO_WEIGHTS)
+    torch.manual_seed(DEMO_SEED)
+    model = XDecoderModel(cfg)
+    for p in (model.backbone_proj, model.decoder.class_embed, model.decoder.caping_embed):
+        nn.init.normal_(p, std=p.shape[0] ** -0.5)
+    return model.eval(), f"untrained-seed{DEMO_SEED}"
+
+
+class Predictor:
+    """One loaded model and the tasks it serves (see the module docstring)."""
+
+    def __init__(self, model: XDecoderModel, name: str, weights_id: str, device: str, runtime: str) -> None:
+        self.model = model
+        self.name = name
+        self.device = torch.device(device)
+        self.runtime = runtime
+        self.tokenizer = ClipTokenizer()
+        self.model_id = f"{name}@{weights_id}"
+        self._background: torch.Tensor | None = None
+
+    @classmethod
+    def from_config(
+        cls, name: str, checkpoint: str | Path | None = None, device: str = "cpu", runtime: str = "torch"
+    ) -> Predictor:
+        if runtime != "torch":
+            raise ValueError(f"runtime {runtime!r} is not supported by models.predictor; use 'torch'")
+        model, weights_id = build_model(name, checkpoint)
+        return cls(model.to(device), name, weights_id, device, runtime)
+
+    @property
+    def info(self) -> dict:
+        cfg = self.model.cfg
+        sizes = {}
+        for task, rule in self.model.cfg.resize.items():
+            sizes[task] = (
+                {"fixed": list(rule.fixed)} if rule.fixed else {"short": rule.short, "max": rule.max_size}
+            )
+        return {
+            "name": self.name,
+            "model_id": self.model_id,
+            "tasks": list(TASKS),
+            "runtime": self.runtime,
+            "device": str(self.device),
+            "input_sizes": sizes,
+            "num_queries": cfg.decoder.num_queries,
+            "embedding_dim": cfg.text.projection_dim,
+        }
+
+    # ------------------------------------------------------------------ text
+
+    @torch.inference_mode()
+    def encode_texts(self, names: list[str]) -> torch.Tensor:
+        """Class names -> (N, D): 81-template averaged, unit-norm class embeddings."""
+        return self.model.text_encoder.encode_class_names(list(names), self.tokenizer)
+
+    def _background_embedding(self) -> torch.Tensor:
+        if self._background is None:
+            self._background = self.encode_texts(["background"])
+        return self._background
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        """Retrieval text embeddings (N, D): EOS feature @ lang_proj, divided by its norm."""
+        ids, _ = self.tokenizer.encode(list(texts), context_length=self.model.cfg.text.context_length)
+        emb = self.model.text_encoder.eos_features(ids.to(self.device))
+        return emb / emb.norm(dim=-1, keepdim=True)
+
+    # ------------------------------------------------------------------ images
+
+    def _encode(self, images: list[np.ndarray], task: str) -> tuple[ImageBatch, ImageFeatures]:
+        batch = batch_images(images, self.model.cfg.resize[task])
+        features = self.model.encode_images(batch.tensor.to(self.device), batch.padded_sizes)
+        return batch, features
+
+    @staticmethod
+    def _mask_logits(masks: torch.Tensor, batch: ImageBatch, i: int) -> torch.Tensor:
+        """Image i's mask logits (R, H/4, W/4) in the padded batch -> (R, H0, W0) at its original size
+        (upsampled from its own padded area, cropped, resized; bicubic + antialias)."""
+        ph, pw = batch.padded_sizes[i]
+        own = masks[:, : ph // 4, : pw // 4]
+        return resize_mask_logits(own, (ph, pw), batch.image_sizes[i], batch.original_sizes[i])
+
+    @torch.inference_mode()
+    def segment(
+        self,
+        images: list[np.ndarray],
+        class_embeddings: list[torch.Tensor],
+        task: str,
+        thing_flags: list[list[bool]] | None = None,
+        threshold: float | None = None,
+    ) -> list[SegmentationResult]:
+        """Open-vocabulary semantic / instance / panoptic segmentation, one vocabulary per image."""
+        if task not in SEGMENT_TASKS:
+            raise ValueError(f"unknown segmentation task {task!r}; use one of {', '.join(SEGMENT_TASKS)}")
+        if len(class_embeddings) != len(images):
+            raise ValueError("class_embeddings needs one (C_i, D) tensor per image")
+        batch, features = self._encode(images, "segmentation")
+        head, _ = self.model.decoder.forward_seg(features.memory)
+        background = self._background_embedding()
+        scale = self.model.text_encoder.logit_scale
+        results = []
+        for i, text in enumerate(class_embeddings):
+            text = torch.cat((text.to(self.device, torch.float32), background), dim=0)
+            logits = class_logits(head.embeds[i], text, scale)
+            masks = self._mask_logits(head.masks[i], batch, i)
+            flags = thing_flags[i] if thing_flags is not None else [True] * (text.shape[0] - 1)
+            segments = segments_from_outputs(task, logits, masks, flags, threshold)
+            results.append(SegmentationResult(task, batch.original_sizes[i], segments))
+        return results
+
+    @torch.inference_mode()
+    def refer(
+        self,
+        images: list[np.ndarray],
+        phrases: list[str],
+        multi: bool = False,
+        threshold: float | None = None,
+    ) -> list[ReferringResult]:
+        """Referring segmentation, one phrase per image: the best grounding query, or with `multi`
+        every query whose grounding probability passes `threshold`."""
+        if len(phrases) != len(images):
+            raise ValueError("refer needs one phrase per image")
+        batch, features = self._encode(images, "grounding")
+        ids, attention = self.tokenizer.encode(
+            list(phrases), context_length=self.model.cfg.text.context_length
+        )
+        ids, attention = ids.to(self.device), attention.to(self.device)
+        encoder = self.model.text_encoder
+        token_feats = encoder.token_features(ids)
+        class_emb = encoder.eos_features(ids)
+        tokens = [token_feats[i][attention[i].bool()] for i in range(len(phrases))]
+        head = self.model.decoder.forward_grounding(features.memory, tokens)
+        q = self.model.cfg.decoder.num_queries
+        temperature = encoder.logit_scale.exp().clamp(max=100)
+        if threshold is None:
+            threshold = REFER_THRESHOLD
+        results = []
+        for i, phrase in enumerate(phrases):
+            cosine = grounding_scores(head.embeds[i, q:], class_emb[i], encoder.logit_scale) / temperature
+            chosen = select_referring(cosine, multi, threshold)
+            matches = []
+            if chosen:
+                masks = self._mask_logits(head.masks[i, q:][chosen], batch, i)
+                for k, query in enumerate(chosen):
+                    matches.append(ReferringMatch(float(cosine[query]), (masks[k] > 0).cpu().numpy()))
+            results.append(ReferringResult(phrase, batch.original_sizes[i], matches))
+        return results
+
+    @torch.inference_mode()
+    def caption_tokens(self, images: list[np.ndarray], steps: int = CAPTION_STEPS, early_stop: bool = True):
+        """Greedy caption ids (B, 77) as the official decoder makes them (all start tokens, position
+        s+1 set at step s). With `early_stop`, stops once every row holds an end-of-text token, which
+        leaves the decoded text unchanged."""
+        _, features = self._encode(images, "captioning")
+        return self.model.greedy_caption(features, steps, early_stop)
+
+    def caption(self, images: list[np.ndarray]) -> list[str]:
+        """One caption per image (greedy, text before the first end-of-text and the first '.')."""
+        tokens = self.caption_tokens(images)
+        return [caption_from_tokens(row, self.tokenizer) for row in tokens.tolist()]
+
+    @torch.inference_mode()
+    def image_embeddings(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two retrieval image embeddings, unnormalised, each (B, D): the pooled class query of
+        the segmentation pass (`pred_captions[:, Q-1]`) and res5 pooled @ backbone_proj."""
+        _, features = self._encode(images, "retrieval")
+        head, _ = self.model.decoder.forward_seg(features.memory)
+        return head.embeds[:, -1], self.model.backbone_embedding(features)
+
+    def embed_images(self, images: list[np.ndarray]) -> torch.Tensor:
+        """(B, D): 0.5 * (decoder / |decoder| + backbone / |backbone|), so that its dot product with
+        `embed_texts` is the official two-embedding ensemble retrieval score."""
+        decoder, backbone = self.image_embeddings(images)
+        return 0.5 * (
+            decoder / decoder.norm(dim=-1, keepdim=True) + backbone / backbone.norm(dim=-1, keepdim=True)
+        )
+
+    def retrieve(self, images: list[np.ndarray], texts: list[str]) -> torch.Tensor:
+        """(B, N) image x text scores: 0.5 cos(decoder, text) + 0.5 cos(backbone, text)."""
+        decoder, backbone = self.image_embeddings(images)
+        with torch.inference_mode():
+            ids, _ = self.tokenizer.encode(list(texts), context_length=self.model.cfg.text.context_length)
+            text = self.model.text_encoder.eos_features(ids.to(self.device))
+            return retrieval_scores(decoder, backbone, text)
+
+
+def segments_from_outputs(
+    task: str, logits: torch.Tensor, masks: torch.Tensor, thing_flags: list[bool], threshold: float | None
+) -> list[Segment]:
+    """Segments of one image from its class logits (Q, C+1) and mask logits (Q, H, W)."""
+    if task == "semantic":
+        sem = semantic_inference(logits, masks)
+        labels = sem.argmax(dim=0)
+        share = sem / sem.sum(dim=0, keepdim=True).clamp_min(1e-12)
+        segments = []
+        for c in labels.unique().tolist():
+            mask = labels == c
+            score = float(share[c][mask].mean())
+            if threshold is not None and score < threshold:
+                continue
+            segments.append(Segment(len(segments) + 1, c, score, bool(thing_flags[c]), mask.cpu().numpy()))
+        return segments
+    if task == "panoptic":
+        object_threshold = OBJECT_MASK_THRESHOLD if threshold is None else threshold
+        panoptic, info = panoptic_inference(logits, masks, thing_flags, object_threshold, OVERLAP_THRESHOLD)
+        return [
+            Segment(s["id"], s["category_id"], s["score"], s["isthing"], (panoptic == s["id"]).cpu().numpy())
+            for s in info
+        ]
+    result = instance_inference(logits, masks, thing_flags, top_k=INSTANCE_TOPK)
+    minimum = INSTANCE_THRESHOLD if threshold is None else threshold
+    segments = []
+    for score, label, mask in zip(result["scores"], result["labels"], result["masks"], strict=True):
+        if float(score) > minimum and bool(mask.any()):
+            segments.append(Segment(len(segments) + 1, int(label), float(score), True, mask.cpu().numpy()))
+    return segments

@@ -15,27 +15,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from models.configs import ResizeRule, official_resize
+
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 SIZE_DIVISIBILITY = 32
 
 
-@dataclass(frozen=True)
-class ResizeRule:
-    """`short`/`max_size`: detectron2 ResizeShortestEdge; `fixed`: exact (h, w), aspect not kept."""
-
-    short: int | None = None
-    max_size: int | None = None
-    fixed: tuple[int, int] | None = None
-
-
-# The resize of each task's official evaluation data path (README of the reference data, section 4).
-TASK_RESIZE = {
-    "segmentation": ResizeRule(short=800, max_size=1333),
-    "grounding": ResizeRule(short=512, max_size=1024),
-    "captioning": ResizeRule(fixed=(224, 224)),
-    "retrieval": ResizeRule(fixed=(224, 224)),
-}
+# The resize of each task's official evaluation data path (README of the reference data, section 4);
+# a config may set its own (`XDecoderConfig.resize`).
+TASK_RESIZE = official_resize()
 
 
 def decode_image(data: bytes) -> np.ndarray:

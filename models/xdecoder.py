@@ -21,6 +21,7 @@ from models.backbones.focalnet import FocalNet
 from models.configs import XDecoderConfig
 from models.decoders.xdecoder import DecoderMemory, XDecoder
 from models.language.text_encoder import LanguageEncoder, TextEncoderConfig
+from models.language.tokenizer import BOS_ID, EOS_ID
 from models.pixel_decoders.fpn_encoder import TransformerEncoderPixelDecoder
 
 
@@ -101,3 +102,44 @@ class XDecoderModel(nn.Module):
                 [res5[i, :, : rh // 8, : rw // 8].mean(dim=(1, 2)) for i, (rh, rw) in enumerate(regions)]
             )
         return pooled @ self.backbone_proj
+
+    def greedy_caption(
+        self, features: ImageFeatures, steps: int = 50, early_stop: bool = True, record: dict | None = None
+    ) -> torch.Tensor:
+        """Greedy captioning as the official decoder does it: ids (B, L) all start tokens; step s sets
+        position s+1 to the argmax of the logits at position s. Returns the ids (B, L).
+
+        Caption rows are causal, so step s only runs positions 0..s, and the query rows are computed
+        once. `early_stop` ends once every row holds an end-of-text token (the text is cut there).
+        `record` (reference checks) receives per-step inputs and top-10 ids/logits and, at step 0, the
+        full-length text features and caption rows before the first / after the last layer.
+        """
+        decoder, text = self.decoder, self.text_encoder
+        batch = features.memory.mask_features.shape[0]
+        length = self.cfg.text.context_length
+        tokens = torch.full(
+            (batch, length), BOS_ID, dtype=torch.long, device=features.memory.mask_features.device
+        )
+        state = decoder.caption_state(features.memory)
+        vocab = text.lang_encoder.token_embedding.weight
+        steps = min(steps, length - 1)
+        for s in range(steps):
+            if record is not None:
+                record.setdefault("tokens_input_per_step", []).append(tokens.clone())
+            if record is not None and s == 0:
+                rows_record: list[torch.Tensor] = []
+                full = text.token_features(tokens)
+                record["step0_text_token_features"] = full
+                decoder.caption_rows(state, full, rows_record)
+                record["step0_first_layer_caption_features"] = rows_record[0]
+                record["step0_last_layer_caption_features"] = rows_record[-1]
+            rows = decoder.caption_rows(state, text.token_features(tokens[:, : s + 1]))
+            logits = rows[:, s] @ vocab.transpose(0, 1)
+            tokens[:, s + 1] = logits.argmax(dim=-1)
+            if record is not None:
+                top = logits.topk(10, dim=-1)
+                record.setdefault("step_top10_token_ids", []).append(top.indices)
+                record.setdefault("step_top10_logits", []).append(top.values)
+            if early_stop and bool((tokens[:, 1 : s + 2] == EOS_ID).any(dim=1).all()):
+                break
+        return tokens

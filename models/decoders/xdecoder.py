@@ -74,16 +74,10 @@ class SelfAttentionLayer(nn.Module):
         tgt: torch.Tensor,
         pos: torch.Tensor,
         mask: torch.Tensor | None,
-        context: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """tgt, pos (N, B, D); mask (B*heads, N, M) bool. `context` = (content, pos) rows (K, B, D)
-        prepended to the keys and values only (the cached query rows of the captioning pass)."""
+        """tgt, pos (N, B, D); mask (B*heads, N, N) bool, True = blocked."""
         q = tgt + pos
-        k, v = q, tgt
-        if context is not None:
-            k = torch.cat((context[0] + context[1], q), dim=0)
-            v = torch.cat((context[0], tgt), dim=0)
-        out = self.self_attn(q, k, v, attn_mask=mask, need_weights=False)[0]
+        out = self.self_attn(q, q, tgt, attn_mask=mask, need_weights=False)[0]
         return self.norm(tgt + out)
 
 
@@ -100,7 +94,6 @@ class CrossAttentionLayer(nn.Module):
         pos: torch.Tensor,
         query_pos: torch.Tensor,
         mask: torch.Tensor | None,
-        key_padding: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tgt, query_pos (N, B, D); memory, pos (HW, B, D); mask (B*heads, N, HW) bool or None."""
         out = self.multihead_attn(
@@ -108,7 +101,6 @@ class CrossAttentionLayer(nn.Module):
             memory + pos,
             memory,
             attn_mask=mask,
-            key_padding_mask=key_padding,
             need_weights=False,
         )[0]
         return self.norm(tgt + out)
@@ -154,11 +146,42 @@ class HeadOutput:
 
 @dataclass
 class CaptionState:
-    """What the greedy caption steps reuse: the memory and, per layer, the query rows after
-    cross-attention (Q, B, D), the input of that layer's self-attention."""
+    """What the greedy caption steps reuse, per decoder layer: the projected keys and values (K, B, D)
+    of its memory level (`cross_kv`, with the padded-key mask `cross_pad` (B, K) or None) and of the
+    query rows after cross-attention (`self_kv`); the query rows never see caption rows, so these are
+    the same at every step."""
 
-    memory: DecoderMemory
-    query_rows: list[torch.Tensor]
+    cross_kv: list[tuple[torch.Tensor, torch.Tensor]]
+    cross_pad: list[torch.Tensor | None]
+    self_kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def project(mha: nn.MultiheadAttention, x: torch.Tensor, part: int) -> torch.Tensor:
+    """The q (0), k (1) or v (2) input projection of an nn.MultiheadAttention: (N, B, D) -> (N, B, D)."""
+    d = mha.embed_dim
+    return F.linear(
+        x, mha.in_proj_weight[part * d : (part + 1) * d], mha.in_proj_bias[part * d : (part + 1) * d]
+    )
+
+
+def attend(
+    mha: nn.MultiheadAttention,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    blocked: torch.Tensor | None,
+) -> torch.Tensor:
+    """nn.MultiheadAttention on already projected q (L, B, D), k, v (S, B, D); blocked (B, L or 1, S)
+    bool, True = not attended. Returns the output projection (L, B, D)."""
+    length, b, d = q.shape
+    h = mha.num_heads
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], b, h, d // h).permute(1, 2, 0, 3)
+
+    mask = None if blocked is None else ~blocked[:, None]
+    out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask)
+    return mha.out_proj(out.permute(2, 0, 1, 3).reshape(length, b, d))
 
 
 class XDecoder(nn.Module):
@@ -343,9 +366,21 @@ class XDecoder(nn.Module):
         return head
 
     def caption_state(self, memory: DecoderMemory) -> CaptionState:
-        """Run the query rows once (they never see caption rows) and keep what caption steps need."""
+        """Run the query rows once (they never see caption rows) and project, per layer, the keys and
+        values the caption rows attend to."""
         _, rows = self.forward_seg(memory, keep_rows=True)
-        return CaptionState(memory, rows)
+        b = memory.mask_features.shape[0]
+        qpos = self.query_embed.weight.unsqueeze(1).repeat(1, b, 1)
+        cross_kv, cross_pad, self_kv = [], [], []
+        for i in range(self.num_layers):
+            level = i % len(memory.src)
+            cross = self.transformer_cross_attention_layers[i].multihead_attn
+            src, pos = memory.src[level], memory.pos[level]
+            cross_kv.append((project(cross, src + pos, 1), project(cross, src, 2)))
+            cross_pad.append(memory.padding[level] if memory.padding else None)
+            attn = self.transformer_self_attention_layers[i].self_attn
+            self_kv.append((project(attn, rows[i] + qpos, 1), project(attn, rows[i], 2)))
+        return CaptionState(cross_kv, cross_pad, self_kv)
 
     def caption_rows(
         self, state: CaptionState, token_features: torch.Tensor, record: list[torch.Tensor] | None = None
@@ -353,27 +388,30 @@ class XDecoder(nn.Module):
         """Caption rows after the last layer, decoder-normed and projected by `caping_embed`.
 
         token_features (B, L, D): text token features of the first L caption positions (causal, so
-        the first L rows do not depend on later positions). Returns (B, L, D). `record` receives the
-        projected caption rows of the heads before the first layer and after the last.
+        the first L rows do not depend on later positions). Content is E, position E + pos_embed_caping.
+        Returns (B, L, D). `record` receives the projected caption rows of the heads before the first
+        layer and after the last.
         """
-        memory = state.memory
         b, length, _ = token_features.shape
-        qpos = self.query_embed.weight.unsqueeze(1).repeat(1, b, 1)
         rows = token_features.transpose(0, 1)
         pos = rows + self.pos_embed_caping.weight[:length, None, :]
         q = self.num_queries
-        self_mask = self.self_attn_mask[:, q : q + length, : q + length].repeat(b * self.num_heads, 1, 1)
+        causal = self.self_attn_mask[:, q : q + length, : q + length]  # (1, L, Q+L)
         if record is not None:
             record.append(self.decoder_norm(rows).transpose(0, 1) @ self.caping_embed)
         for i in range(self.num_layers):
-            level = i % len(memory.src)
-            pad = memory.padding[level] if memory.padding else None
-            rows = self.transformer_cross_attention_layers[i](
-                rows, memory.src[level], memory.pos[level], pos, None, key_padding=pad
-            )
-            rows = self.transformer_self_attention_layers[i](
-                rows, pos, self_mask, context=(state.query_rows[i], qpos)
-            )
+            cross = self.transformer_cross_attention_layers[i]
+            pad = state.cross_pad[i]
+            blocked = None if pad is None else pad[:, None, :]
+            k, v = state.cross_kv[i]
+            out = attend(cross.multihead_attn, project(cross.multihead_attn, rows + pos, 0), k, v, blocked)
+            rows = cross.norm(rows + out)
+            layer = self.transformer_self_attention_layers[i]
+            mha = layer.self_attn
+            x = rows + pos
+            k_all = torch.cat((state.self_kv[i][0], project(mha, x, 1)), dim=0)
+            v_all = torch.cat((state.self_kv[i][1], project(mha, rows, 2)), dim=0)
+            rows = layer.norm(rows + attend(mha, project(mha, x, 0), k_all, v_all, causal))
             rows = self.transformer_ffn_layers[i](rows)
         out = self.decoder_norm(rows).transpose(0, 1) @ self.caping_embed
         if record is not None:
