@@ -78,6 +78,7 @@ class RequestMiddleware:
         request_id = given if REQUEST_ID.match(given) else uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
+        state["started"] = start
         status = 500
         limit = self.settings.max_upload_bytes
 
@@ -304,9 +305,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         async def endpoint(request: Request) -> JSONResponse:
             fields, images = await read_payload(request, settings, image_field or "images")
             params = parse_fields(fields_model, fields)
-            call = gateway.begin(
-                request.state.request_id, request_timeout(request, getattr(params, "timeout", None))
-            )
+            timeout = request_timeout(request, getattr(params, "timeout", None))
+            call = gateway.begin(request.state.request_id, timeout, request.state.started)
             request.state.call = call
             return JSONResponse(await run(call, params, images))
 

@@ -64,7 +64,7 @@ class Gateway:
 
     # -- common steps ------------------------------------------------------------------------------
 
-    def begin(self, request_id: str, timeout: float | None) -> Call:
+    def begin(self, request_id: str, timeout: float | None, started: float | None = None) -> Call:
         """Check readiness and give the request its deadline (the smaller of server and request timeouts)."""
         if not self.ready:
             reason = "shutting down" if self.draining else "workers are still loading"
@@ -72,7 +72,10 @@ class Gateway:
                 503, "not_ready", f"The service is not ready ({reason}); retry shortly.", {"Retry-After": "1"}
             )
         seconds = min(timeout or self.settings.request_timeout_s, self.settings.request_timeout_s)
-        return Call(request_id, asyncio.get_running_loop().time() + seconds)
+        call = Call(request_id, asyncio.get_running_loop().time() + seconds)
+        if started is not None:
+            call.started = started  # perf_counter time the request arrived
+        return call
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.settings.model:

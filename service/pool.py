@@ -1,8 +1,8 @@
 """Worker processes as seen from the gateway: start, dispatch a batch, collect results, restart the dead.
 
-Each worker owns one duplex pipe. A reader thread per worker turns its messages (and the end of the
-pipe, which is how a death shows) into callbacks on the event loop; sends run in a thread so a large
-batch never blocks the loop.
+Each worker owns one duplex pipe, watched by the event loop itself (`add_reader`): a message becomes a
+callback, and the end of the pipe is how a death shows. Small batches are sent directly (they fit the
+socket buffer); large ones are sent from a thread so the loop never waits on a copy.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ import contextlib
 import logging
 import multiprocessing
 import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+
+import numpy as np
 
 from service.errors import ApiError
 from service.metrics import Metrics
@@ -25,6 +26,20 @@ from service.settings import Settings
 from service.worker import worker_main
 
 logger = logging.getLogger("openset.pool")
+
+DIRECT_SEND_BYTES = 128 * 1024  # well under a Unix socket's send buffer: the send cannot block
+
+
+def payload_bytes(jobs: list[Job]) -> int:
+    """Rough size of a batch message: its image bytes and arrays."""
+    total = 0
+    for job in jobs:
+        for value in job.item.values():
+            if isinstance(value, bytes | np.ndarray):
+                total += len(value) if isinstance(value, bytes) else value.nbytes
+            elif isinstance(value, list):
+                total += sum(len(v) for v in value if isinstance(v, bytes))
+    return total
 
 
 @dataclass
@@ -126,25 +141,22 @@ class WorkerPool:
         child_conn.close()  # so the pipe reports EOF when the worker dies
         worker.generation += 1
         worker.process, worker.conn, worker.ready, worker.batch = process, parent_conn, False, None
-        thread = threading.Thread(
-            target=self._read,
-            args=(worker, parent_conn, worker.generation),
-            daemon=True,
-            name=f"reader-{worker.index}",
-        )
-        thread.start()
+        assert self._loop is not None
+        self._loop.add_reader(parent_conn.fileno(), self._readable, worker, parent_conn, worker.generation)
         logger.info("worker started", extra={"worker": worker.index, "pid": process.pid})
 
-    def _read(self, worker: Worker, conn: Connection, generation: int) -> None:
-        """Reader thread: forwards each message, then the pipe's end, to the event loop."""
+    def _readable(self, worker: Worker, conn: Connection, generation: int) -> None:
+        """The worker's pipe has data: handle every waiting message, or the worker's death at EOF."""
         assert self._loop is not None
-        while True:
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):
-                break
-            self._loop.call_soon_threadsafe(self._on_message, worker, generation, message)
-        self._loop.call_soon_threadsafe(self._on_exit, worker, generation)
+        try:
+            while True:
+                self._on_message(worker, generation, conn.recv())
+                if not conn.poll():
+                    return
+        except (EOFError, OSError):
+            self._loop.remove_reader(conn.fileno())
+            conn.close()
+            self._on_exit(worker, generation)
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Ask every worker to stop, then kill the ones still running after `timeout` seconds."""
@@ -188,15 +200,17 @@ class WorkerPool:
             "options": batch.options,
             "items": [job.item for job in jobs],
         }
-        self._keep(asyncio.ensure_future(self._send(worker, worker.generation, message)))
+        if payload_bytes(jobs) < DIRECT_SEND_BYTES:
+            self._send(worker, message)
+        else:
+            self._keep(asyncio.ensure_future(asyncio.to_thread(self._send, worker, message)))
         return batch
 
-    async def _send(self, worker: Worker, generation: int, message: dict) -> None:
-        conn = worker.conn
+    def _send(self, worker: Worker, message: dict) -> None:
         try:
-            await asyncio.to_thread(conn.send, message)
-        except (OSError, ValueError):
-            # The worker is gone; its reader thread reports the death and fails the batch.
+            worker.conn.send(message)
+        except (OSError, ValueError, AttributeError):
+            # The worker is gone; the end of its pipe reports the death and fails the batch.
             logger.warning("sending a batch failed", extra={"worker": worker.index})
 
     def _on_message(self, worker: Worker, generation: int, message: dict) -> None:
