@@ -52,14 +52,19 @@ class Server(uvicorn.Server):
         self._captured_signals.clear()
 
 
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from OPENSET_* variables, overridden by the flags given on the command line."""
+    overrides = {
+        name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None
+    }
+    return Settings(**overrides)
+
+
 def run(args: argparse.Namespace) -> int:
     from service.app import create_app
     from service.logs import configure_logging
 
-    overrides = {
-        name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None
-    }
-    settings = Settings(**overrides)
+    settings = settings_from_args(args)
     configure_logging(settings.log_level)
     app = create_app(settings)
     config = uvicorn.Config(
