@@ -127,10 +127,11 @@ def build_model(name: str, checkpoint: str | Path | None) -> tuple[XDecoderModel
         load_checkpoint(model, checkpoint)
         return model.eval(), quick_hash(checkpoint)[:12]
     logger.warning("no weights for %r at %s: using an untrained, seeded initialisation", name, DEMO_WEIGHTS)
-    torch.manual_seed(DEMO_SEED)
-    model = XDecoderModel(cfg)
-    for p in (model.backbone_proj, model.decoder.class_embed, model.decoder.caping_embed):
-        nn.init.normal_(p, std=p.shape[0] ** -0.5)
+    with torch.random.fork_rng():  # deterministic, without touching the caller's random state
+        torch.manual_seed(DEMO_SEED)
+        model = XDecoderModel(cfg)
+        for p in (model.backbone_proj, model.decoder.class_embed, model.decoder.caping_embed):
+            nn.init.normal_(p, std=p.shape[0] ** -0.5)
     return model.eval(), f"untrained-seed{DEMO_SEED}"
 
 
@@ -222,6 +223,13 @@ class Predictor:
             raise ValueError(f"unknown segmentation task {task!r}; use one of {', '.join(SEGMENT_TASKS)}")
         if len(class_embeddings) != len(images):
             raise ValueError("class_embeddings needs one (C_i, D) tensor per image")
+        dim = self.model.cfg.text.projection_dim
+        for i, text in enumerate(class_embeddings):
+            if text.ndim != 2 or text.shape[0] == 0 or text.shape[1] != dim:
+                shape = tuple(text.shape)
+                raise ValueError(f"class_embeddings[{i}] must be (C, {dim}) with C >= 1, got {shape}")
+            if thing_flags is not None and len(thing_flags[i]) != text.shape[0]:
+                raise ValueError(f"thing_flags[{i}] needs {text.shape[0]} flags, got {len(thing_flags[i])}")
         batch, features = self._encode(images, "segmentation")
         head, _ = self.model.decoder.forward_seg(features.memory)
         background = self._background_embedding()

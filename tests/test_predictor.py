@@ -174,3 +174,15 @@ def test_retrieval(predictor: Predictor, images: list[np.ndarray]) -> None:
     single = torch.cat([predictor.retrieve([im], texts) for im in images])
     torch.testing.assert_close(scores, single, atol=1e-5, rtol=0)
     torch.testing.assert_close(predictor.embed_texts(texts).norm(dim=-1), torch.ones(3))
+
+
+def test_segment_input_errors(predictor: Predictor, images: list[np.ndarray]) -> None:
+    vocab = predictor.encode_texts(["cat", "dog"])
+    with pytest.raises(ValueError, match="one"):
+        predictor.segment(images, [vocab], "semantic")
+    with pytest.raises(ValueError, match="thing_flags"):
+        predictor.segment(images[:1], [vocab], "panoptic", thing_flags=[[True]])
+    with pytest.raises(ValueError, match="C >= 1"):
+        predictor.segment(images[:1], [vocab[:0]], "semantic")
+    with pytest.raises(ValueError, match="unknown segmentation task"):
+        predictor.segment(images[:1], [vocab], "depth")
