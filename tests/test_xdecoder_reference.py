@@ -1,4 +1,4 @@
-"""Parity with the official X-Decoder outputs: the golden Focal-T case through `models.reference_check`."""
+"""Parity with the official X-Decoder outputs: the golden cases through `models.reference_check`."""
 
 from __future__ import annotations
 
@@ -20,8 +20,12 @@ def test_config_detection(reference_root: Path) -> None:
 
 
 @pytest.mark.slow
-def test_focalt_case_a(reference_root: Path, cache_dir: Path, capsys: pytest.CaptureFixture) -> None:
-    case = reference_root / "xdecoder_focalt" / "case_a"
+@pytest.mark.parametrize("model", ["xdecoder_focalt", "xdecoder_focall"])
+def test_golden_case_a(
+    model: str, reference_root: Path, cache_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Every array of every task of case_a within its tolerance (Focal-L: about 1.4 GB of weights)."""
+    case = reference_root / model / "case_a"
     keys = case.parent / "keys.json"
     checkpoint = reference_check.reference_checkpoint(keys, cache_dir)
     status = reference_check.main([str(case), "--checkpoint", str(checkpoint)])
