@@ -30,14 +30,18 @@ class FocalNetConfig:
 
 @dataclass
 class PixelDecoderConfig:
-    """The `transformer_encoder_fpn` pixel decoder (FPN + transformer encoder on res5)."""
+    """The pixel decoder. `name` picks the kind: "transformer_encoder_fpn" (X-Decoder: FPN + transformer
+    encoder on res5) or "transformer_encoder_deform" (Mask2Former-style multi-scale deformable
+    attention encoder on res3..res5, `num_points` sampling points per head and level)."""
 
+    name: str = "transformer_encoder_fpn"
     conv_dim: int = 512
     mask_dim: int = 512
     num_heads: int = 8
     dim_feedforward: int = 2048
     num_encoder_layers: int = 6
     norm_groups: int = 32
+    num_points: int = 4
 
 
 @dataclass

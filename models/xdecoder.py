@@ -23,12 +23,18 @@ from models.decoders.xdecoder import DecoderMemory, XDecoder
 from models.language.text_encoder import LanguageEncoder, TextEncoderConfig
 from models.language.tokenizer import BOS_ID, EOS_ID
 from models.pixel_decoders.fpn_encoder import TransformerEncoderPixelDecoder
+from models.pixel_decoders.ms_deform import MSDeformAttnPixelDecoder
 
 
 class SemSegHead(nn.Module):
     def __init__(self, cfg: XDecoderConfig, in_channels: list[int]) -> None:
         super().__init__()
-        self.pixel_decoder = TransformerEncoderPixelDecoder(cfg.pixel_decoder, in_channels)
+        if cfg.pixel_decoder.name == "transformer_encoder_deform":
+            self.pixel_decoder = MSDeformAttnPixelDecoder(cfg.pixel_decoder, in_channels)
+        elif cfg.pixel_decoder.name == "transformer_encoder_fpn":
+            self.pixel_decoder = TransformerEncoderPixelDecoder(cfg.pixel_decoder, in_channels)
+        else:
+            raise ValueError(f"unknown pixel decoder {cfg.pixel_decoder.name!r}")
         self.predictor = XDecoder(cfg.decoder, cfg.text.projection_dim)
         text = TextEncoderConfig(
             width=cfg.text.width,
