@@ -177,14 +177,13 @@ def test_embed_texts_and_images(client):
 
 
 def test_aliases_answer_like_v1(client):
-    response = client.post("/caption", files={"image": ("i.png", image_bytes(), "image/png")})
-    assert response.status_code == 200, response.text
-    assert (
-        response.json()["caption"]
-        == client.post("/v1/caption", files={"image": ("i.png", image_bytes(), "image/png")}).json()[
-            "caption"
-        ]
-    )
+    alias = client.post("/embed", json={"texts": ["a red square"]})
+    assert alias.status_code == 200, alias.text
+    versioned = client.post("/v1/embed", json={"texts": ["a red square"]})
+    assert alias.json()["embeddings"] == versioned.json()["embeddings"]
+    body = {"image": b64(image_bytes()), "vocabulary": ["a", "b"], "task": "instance", "threshold": 0.0}
+    segment = client.post("/segment", json=body)
+    assert segment.status_code == 200 and segment.json()["segments"]
 
 
 def test_openapi_documents_routes_bodies_and_aliases(client):
@@ -209,12 +208,13 @@ def test_request_id_is_honoured_or_generated(server, client):
     generated = client.get("/v1/models")
     assert len(generated.headers["x-request-id"]) >= 16
     response = client.post(
-        "/v1/caption", headers={"X-Request-ID": "trace-42"}, json={"image": b64(image_bytes())}
+        "/v1/embed", headers={"X-Request-ID": "trace-42"}, json={"images": [b64(image_bytes())]}
     )
     assert response.status_code == 200
     lines = [json.loads(line) for line in server.logs().splitlines() if '"trace-42"' in line]
-    assert lines and lines[-1]["endpoint"] == "/v1/caption" and lines[-1]["batch_size"] >= 1
-    assert "image" not in json.dumps(lines[-1]).replace("/v1/", "")  # no image data in logs
+    assert lines and lines[-1]["endpoint"] == "/v1/embed" and lines[-1]["batch_size"] >= 1
+    assert lines[-1]["timings_ms"]["worker"] > 0
+    assert b64(image_bytes())[-64:] not in server.logs()  # no image data in logs
 
 
 # -- errors ----------------------------------------------------------------------------------------
