@@ -1,0 +1,157 @@
+"""Export a model's graphs to ONNX files plus the manifest (`openset export onnx`).
+
+    export_onnx_model("demo", None, Path("exports/demo"), msda="plugin", dynamic=True)
+
+Graphs are traced with the TorchScript exporter (`models.ops.onnx_export.export_onnx`, which writes
+multi-scale deformable attention in the chosen form) on seeded example inputs of batch 2, so no
+axis is specialised to 1.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from export.graphs import FEATURES, GraphSpec, graph_specs, traceable_masks
+from export.manifest import MSDA_FORMS, GraphEntry, Manifest, config_dict
+from export.symbolics import MIN_OPSET, register_symbolics
+from models.checkpoint import file_sha256
+from models.language.tokenizer import BOS_ID, EOS_ID
+from models.ops.onnx_export import export_onnx
+from models.predictor import build_model
+from models.xdecoder import XDecoderModel
+
+logger = logging.getLogger(__name__)
+
+EXAMPLE_BATCH = 2
+EXAMPLE_TOKENS = 5
+EXAMPLE_LENGTH = 4
+
+
+def default_sizes(model: XDecoderModel) -> list[tuple[int, int]]:
+    """Fixed sizes of a non-dynamic export: each task's fixed size, and short x short for the others."""
+    sizes = []
+    for rule in model.cfg.resize.values():
+        size = rule.fixed if rule.fixed else (rule.short, rule.short)
+        size = (-(-size[0] // 32) * 32, -(-size[1] // 32) * 32)
+        if size not in sizes:
+            sizes.append(size)
+    return sizes
+
+
+def example_inputs(
+    model: XDecoderModel, size: tuple[int, int], seed: int = 0
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Seeded inputs of every graph at image size `size`, the decoder inputs made by the torch model."""
+    from export.graphs import CaptionState, ImageEncoder, TextEncoder
+
+    gen = torch.Generator().manual_seed(seed)
+    b = EXAMPLE_BATCH
+    images = torch.randn(b, 3, *size, generator=gen)
+    dim = model.cfg.text.projection_dim
+    with torch.no_grad():
+        encoded = ImageEncoder(model)(images)
+        features = dict(zip(FEATURES, encoded[:4], strict=True))
+        state = CaptionState(model)(*encoded[:4])
+        ids = text_ids(model, b, EXAMPLE_LENGTH, gen)
+        token_features = TextEncoder(model)(ids)[0]
+    classes = torch.nn.functional.normalize(torch.randn(7, dim, generator=gen), dim=-1)
+    tokens = torch.randn(b, EXAMPLE_TOKENS, dim, generator=gen)
+    valid = torch.ones(b, EXAMPLE_TOKENS, dtype=torch.bool)
+    valid[1, 3:] = False
+    from export.graphs import state_names
+
+    state_inputs = dict(zip(state_names(model.cfg.decoder.num_layers), state, strict=True))
+    return {
+        "image_encoder": {"images": images},
+        "segment_decoder": {**features, "class_embeddings": classes},
+        "grounding_decoder": {**features, "tokens": tokens, "token_valid": valid},
+        "caption_state": features,
+        "caption_step": {"token_features": token_features, **state_inputs},
+        "text_encoder": {"input_ids": text_ids(model, 3, 9, gen)},
+    }
+
+
+def text_ids(model: XDecoderModel, n: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    """(n, length) ids: BOS, random tokens, an EOS at a random position (>= 1), random after it."""
+    vocab = model.cfg.text.vocab_size
+    ids = torch.randint(1, min(vocab, EOS_ID) - 2, (n, length), generator=gen)
+    ids[:, 0] = BOS_ID
+    ends = torch.randint(1, length, (n,), generator=gen)
+    ids[torch.arange(n), ends] = EOS_ID
+    return ids
+
+
+def export_graph(
+    spec: GraphSpec, inputs: dict[str, torch.Tensor], path: Path, msda_form: str, opset: int
+) -> None:
+    args = tuple(inputs[name] for name in spec.inputs)
+    axes = {k: v for k, v in spec.dynamic_axes.items() if k in spec.inputs or k in spec.outputs}
+    with traceable_masks(spec.module):
+        export_onnx(
+            spec.module.eval(),
+            args,
+            path,
+            msda_form=msda_form,
+            opset_version=opset,
+            input_names=spec.inputs,
+            output_names=spec.outputs,
+            dynamic_axes=axes,
+        )
+
+
+def export_onnx_model(
+    name: str,
+    checkpoint: str | Path | None,
+    out: Path,
+    msda: str = "plugin",
+    dynamic: bool = True,
+    opset: int = MIN_OPSET,
+    sizes: list[tuple[int, int]] | None = None,
+) -> Manifest:
+    """Write every graph of model `name` and `manifest.json` into `out`; returns the manifest.
+
+    `dynamic`: image axes dynamic (one graph each); otherwise one image-side graph per size in
+    `sizes` (default `default_sizes`). Batch and text axes are always dynamic.
+    """
+    if msda not in MSDA_FORMS:
+        raise ValueError(f"--msda must be one of {sorted(MSDA_FORMS)}, got {msda!r}")
+    register_symbolics(opset)
+    model, weights_id = build_model(name, checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    if dynamic:
+        trace_sizes = [(max(default_sizes(model)), None)]
+        declared: list[tuple[int, int]] = []
+    else:
+        declared = sizes or default_sizes(model)
+        trace_sizes = [(s, s) for s in declared]
+    entries: list[GraphEntry] = []
+    for trace_size, fixed in trace_sizes:
+        inputs = example_inputs(model, trace_size)
+        for spec in graph_specs(model, dynamic_size=dynamic):
+            if spec.name == "text_encoder" and any(e.name == "text_encoder" for e in entries):
+                continue
+            size = None if (fixed is None or spec.name == "text_encoder") else list(fixed)
+            file = spec.name + ("" if size is None else f"_{size[0]}x{size[1]}") + ".onnx"
+            logger.info("exporting %s", file)
+            export_graph(spec, inputs[spec.name], out / file, MSDA_FORMS[msda], opset)
+            entries.append(
+                GraphEntry(spec.name, file, file_sha256(out / file), spec.inputs, spec.outputs, size)
+            )
+    manifest = Manifest(
+        kind="onnx",
+        model=name,
+        weights_id=weights_id,
+        config=config_dict(name),
+        opset=opset,
+        msda=msda,
+        dynamic=dynamic,
+        input_sizes=[list(s) for s in declared],
+        logit_scale=float(model.text_encoder.logit_scale.detach()),
+        graphs=entries,
+        extra={"checkpoint": None if checkpoint is None else str(checkpoint), "torch": torch.__version__},
+    )
+    manifest.write(out)
+    return manifest
