@@ -80,8 +80,8 @@ class Worker:
 
 
 def worker_count(settings: Settings) -> int:
-    """One worker per visible GPU on cuda, `settings.workers` on CPU."""
-    if settings.device.startswith("cuda"):
+    """One worker per visible GPU with device "cuda"; `settings.workers` on CPU or one named GPU."""
+    if settings.device == "cuda":
         import torch
 
         return max(1, torch.cuda.device_count())

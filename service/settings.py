@@ -16,7 +16,7 @@ class Settings(BaseSettings):
     model: str = Field("demo", description="Named model config to load (models.configs).")
     checkpoint: str | None = Field(None, description="Checkpoint file; unset loads the config's own weights.")
     runtime: Literal["torch", "onnxruntime", "tensorrt"] = Field("torch", description="Inference runtime.")
-    device: str = Field("cpu", description="'cpu' or 'cuda' (one worker per visible GPU).")
+    device: str = Field("cpu", description="'cpu', 'cuda' (one worker per GPU) or 'cuda:N'.")
     workers: int = Field(1, ge=1, le=64, description="Worker processes on CPU (ignored on cuda).")
     max_batch_size: int = Field(
         8, ge=1, le=256, description="A batch closes when it holds this many requests."
