@@ -45,6 +45,7 @@ def test_cpu_kernel_is_built() -> None:
     assert cpu_kernel_available()
 
 
+@pytest.mark.slow
 def test_golden_cases_every_cpu_path(golden_cases: list[Path]) -> None:
     for path in golden_cases:
         case = load_case(path)
@@ -183,9 +184,14 @@ def test_check_cli_passes_good_cases_and_fails_bad_ones(
     expected32 = ms_deform_attn_reference(*inputs)
     noise = float((expected32.double() - expected64).abs().max())
     good = write_case(tmp_path, "tiny_1x1", inputs, expected32.numpy(), noise)
+    # a case of another kind in the same folder is reported and passed over
+    np.savez(tmp_path / "module_case.npz", query=np.zeros(3))
+    (tmp_path / "module_case.json").write_text(json.dumps({"name": "module_case"}))
     assert check_main([str(tmp_path)]) == 0
     report = capsys.readouterr().out
     assert "tiny_1x1" in report and "cpu-cpp" in report and "FAIL" not in report
+    assert "skipped module_case.json" in report
+    assert check_main([str(tmp_path / "module_case.json")]) == 2
 
     wrong = expected32.clone()
     wrong[1, 3, 5] += 0.01

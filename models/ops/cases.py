@@ -18,6 +18,10 @@ FALLBACK_BOUND = 1e-4
 INPUT_KEYS = ("value", "value_spatial_shapes", "level_start_index", "sampling_locations", "attention_weights")
 
 
+class NotAnOperatorCase(ValueError):
+    """The file pair is some other kind of case (for example a whole-module case)."""
+
+
 @dataclass
 class OperatorCase:
     """One golden case: the five inputs, the expected output and the float32 noise it recorded."""
@@ -44,6 +48,9 @@ def load_case(json_path: Path) -> OperatorCase:
     meta = json.loads(json_path.read_text())
     npz_path = json_path.with_name(meta.get("file", json_path.stem + ".npz"))
     with np.load(npz_path, allow_pickle=False) as arrays:
+        missing = [key for key in (*INPUT_KEYS, "output") if key not in arrays]
+        if missing:
+            raise NotAnOperatorCase(f"{json_path.name}: no {', '.join(missing)} (not an operator case)")
         inputs = tuple(torch.from_numpy(np.ascontiguousarray(arrays[key])) for key in INPUT_KEYS)
         if "output_f64" in arrays:
             expected = torch.from_numpy(arrays["output_f64"])

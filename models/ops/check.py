@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from models.ops.cases import OperatorCase, find_cases, load_case
+from models.ops.cases import NotAnOperatorCase, OperatorCase, find_cases, load_case
 from models.ops.cpu_kernel import load_cpu_extension, ms_deform_attn_cpu
 from models.ops.reference import ms_deform_attn_reference
 from models.ops.triton_op import interpreter_enabled, ms_deform_attn_triton, triton_available
@@ -86,8 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{'case':<28} {'kernel':<20} {'max_abs':>10} {'max_rel':>10} {'mean_abs':>10} {'bound':>10}  result"
     )
     failures = 0
+    checked = 0
     for case_path in case_paths:
-        case = load_case(case_path)
+        try:
+            case = load_case(case_path)
+        except NotAnOperatorCase as error:
+            print(f"skipped {error}")
+            continue
+        checked += 1
         bound = case.bound()
         for name, (kernel, device) in kernels.items():
             result = measure(case, kernel, device)
@@ -97,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{case.name:<28} {name:<20} {result['max_abs']:>10.3e} {result['max_rel']:>10.3e} "
                 f"{result['mean_abs']:>10.3e} {bound:>10.3e}  {'ok' if ok else 'FAIL'}"
             )
+    if not checked:
+        print("no operator cases among the paths", file=sys.stderr)
+        return 2
     print(f"{failures} failure(s)" if failures else "all kernels within bounds")
     return 1 if failures else 0
 

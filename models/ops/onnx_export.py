@@ -16,7 +16,9 @@ used for the lookup, so it is written as `trt.plugins`. The exported graph casts
 inputs to int32 before the node and reshapes its output back to (N, Lq, M * D) after it.
 
 `"grid_sample"` traces the reference (`reference.py`) instead: standard ONNX ops only, with
-GridSample (opset >= 16), which any runtime runs.
+GridSample (opset >= 16), which any runtime runs. The level sizes become constants of that graph
+(the exporter's TracerWarnings about `tolist` say so): it serves the input size it was exported
+at, while batch and query counts stay dynamic. The plugin form reads the sizes at run time.
 
 Exports use the TorchScript-based exporter (`dynamo=False`) with a symbolic registered for the
 custom op.
