@@ -7,9 +7,10 @@
     eos_features   = hidden_states[first EOS] @ lang_proj     (N, projection_dim)
 
 The attention is causal only (no padding mask), so the state at position i depends on ids[:i + 1]
-alone; running on a prefix of the ids gives the same states for the positions it keeps. The
-state-dict keys are those of the official `sem_seg_head.predictor.lang_encoder.` subtree with that
-prefix removed.
+alone; running on a prefix of the ids gives the same states for the positions it keeps. For the same
+reason ids can be fed one position at a time (`token_features_step`), each step attending to the
+keys and values that earlier steps left in a `TextKVCache`. The state-dict keys are those of the
+official `sem_seg_head.predictor.lang_encoder.` subtree with that prefix removed.
 """
 
 from __future__ import annotations
@@ -37,6 +38,18 @@ class TextEncoderConfig:
     # Prompts per forward pass in `encode_class_names` (sorted by length first): bounds memory for
     # large vocabularies and lets short prompts skip the padding of long ones.
     prompt_chunk_size: int = 256
+
+
+@dataclass
+class TextKVCache:
+    """Keys and values of every layer for the positions run so far, for one-token steps.
+
+    keys, values: per layer (N, heads, context_length, head_dim), filled up to `length`.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int = 0
 
 
 class Float32LayerNorm(nn.LayerNorm):
@@ -71,6 +84,17 @@ class CausalSelfAttention(nn.Module):
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True)
         return self.out_proj(out.transpose(1, 2).reshape(n, length, width))
 
+    def step(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: int) -> torch.Tensor:
+        """One new position x (N, 1, width): its key and value are written into keys/values
+        (N, heads, context_length, head_dim) at `position`; it attends to positions 0..position."""
+        n, _, width = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(n, 1, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        keys[:, :, position : position + 1] = k
+        values[:, :, position : position + 1] = v
+        out = F.scaled_dot_product_attention(q, keys[:, :, : position + 1], values[:, :, : position + 1])
+        return self.out_proj(out.reshape(n, 1, width))
+
 
 class ResidualBlock(nn.Module):
     def __init__(self, width: int, heads: int, eps: float) -> None:
@@ -85,6 +109,11 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+    def step(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: int) -> torch.Tensor:
+        """`forward` for one new position x (N, 1, width), with this layer's cached keys/values."""
+        x = x + self.attn.step(self.ln_1(x), keys, values, position)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -110,6 +139,16 @@ class TextTransformer(nn.Module):
             x = block(x)
         return self.ln_final(x)
 
+    def step(self, input_ids: torch.Tensor, cache: TextKVCache) -> torch.Tensor:
+        """input_ids (N, 1) at position `cache.length` -> its last hidden state (N, 1, width); the
+        cache grows by one position."""
+        position = cache.length
+        x = self.token_embedding(input_ids) + self.positional_embedding[position : position + 1]
+        for block, keys, values in zip(self.resblocks, cache.keys, cache.values, strict=True):
+            x = block.step(x, keys, values, position)
+        cache.length += 1
+        return self.ln_final(x)
+
 
 class LanguageEncoder(nn.Module):
     """Text transformer, its output projection `lang_proj` and the (0-d) `logit_scale` parameter."""
@@ -129,6 +168,24 @@ class LanguageEncoder(nn.Module):
     def token_features(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids (N, L) -> projected per-token features (N, L, projection_dim), unnormalised."""
         return self.hidden_states(input_ids) @ self.lang_proj
+
+    def new_cache(self, batch: int) -> TextKVCache:
+        """An empty key/value cache for `token_features_step` on `batch` sequences."""
+        cfg = self.config
+        shape = (batch, cfg.heads, cfg.context_length, cfg.width // cfg.heads)
+        like = self.lang_proj
+        return TextKVCache(
+            [like.new_empty(shape) for _ in range(cfg.layers)],
+            [like.new_empty(shape) for _ in range(cfg.layers)],
+        )
+
+    def token_features_step(self, input_ids: torch.Tensor, cache: TextKVCache) -> torch.Tensor:
+        """The ids (N, 1) of the next position -> its token features (N, 1, projection_dim).
+
+        Feeding positions 0..L-1 one step each gives `token_features(ids[:, :L])` (up to float
+        rounding), at the cost of one position per step.
+        """
+        return self.lang_encoder.step(input_ids, cache) @ self.lang_proj
 
     def eos_features(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids (N, L) -> projected feature at each row's first EOS (N, projection_dim), unnormalised.

@@ -1,0 +1,71 @@
+"""Cached greedy captioning: one-position steps of the text encoder and of the caption rows equal the
+official full passes (models.decoders.caption_reference), and give the same greedy tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.decoders.caption_cache import caption_step, new_caption_cache
+from models.decoders.caption_reference import caption_logits_full_pass, greedy_caption_full_passes
+from models.language.text_encoder import LanguageEncoder, TextEncoderConfig
+from models.language.tokenizer import BOS_ID
+from models.predictor import Predictor
+
+
+@pytest.fixture(scope="module")
+def predictor() -> Predictor:
+    return Predictor.from_config("demo")
+
+
+def noise_images() -> list[np.ndarray]:
+    rng = np.random.default_rng(3)
+    return [
+        rng.integers(0, 256, (120, 150, 3), dtype=np.uint8),
+        rng.integers(0, 256, (90, 60, 3), dtype=np.uint8),
+    ]
+
+
+def test_text_steps_equal_prefix_features() -> None:
+    torch.manual_seed(0)
+    encoder = LanguageEncoder(TextEncoderConfig(width=32, layers=2, heads=4, projection_dim=16)).eval()
+    ids = torch.randint(0, 49408, (3, 12))
+    with torch.inference_mode():
+        cache = encoder.new_cache(3)
+        steps = [encoder.token_features_step(ids[:, i : i + 1], cache) for i in range(12)]
+        full = encoder.token_features(ids)
+    assert cache.length == 12
+    assert steps[0].shape == (3, 1, 16)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_caption_steps_equal_full_pass_on_padded_batch(predictor: Predictor) -> None:
+    """Padded images (segmentation resize) exercise the blocked padding keys of the caption rows."""
+    model = predictor.model
+    tokens = torch.randint(0, 49408, (2, 10))
+    tokens[:, 0] = BOS_ID
+    with torch.inference_mode():
+        _, features = predictor._encode(noise_images(), "segmentation")
+        assert features.memory.regions is not None  # the second image is padded
+        expected = caption_logits_full_pass(model, features.memory, tokens)
+        state = model.decoder.caption_state(features.memory)
+        cache = new_caption_cache(model.decoder, state)
+        text_cache = model.text_encoder.new_cache(2)
+        vocab = model.text_encoder.lang_encoder.token_embedding.weight
+        for p in range(tokens.shape[1]):
+            features_p = model.text_encoder.token_features_step(tokens[:, p : p + 1], text_cache)
+            logits = caption_step(model.decoder, state, cache, features_p, p) @ vocab.transpose(0, 1)
+            torch.testing.assert_close(logits, expected[:, p], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_greedy_tokens_equal_official_full_passes(predictor: Predictor) -> None:
+    model = predictor.model
+    with torch.inference_mode():
+        _, features = predictor._encode(noise_images(), "captioning")
+        official = greedy_caption_full_passes(model, features.memory, steps=20)
+        cached = model.greedy_caption(features, steps=20, early_stop=False)
+    assert official.shape == cached.shape == (2, 77)
+    assert (official[:, 1:21] != BOS_ID).all()  # every step wrote a token
+    assert torch.equal(cached, official)
