@@ -24,9 +24,6 @@ stays dynamic; greedy captioning's loop stays in Python around `caption_step`.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -47,27 +44,6 @@ class GraphSpec:
     inputs: list[str]
     outputs: list[str]
     dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
-
-
-def cross_mask(decoder: XDecoder, attn: torch.Tensor, memory: DecoderMemory, level: int) -> torch.Tensor:
-    """`XDecoder._cross_mask` of an unpadded batch without its in-place masked assignment (which
-    exports as a bool `Where` that ONNX Runtime lacks): fully blocked rows are opened."""
-    del memory, level  # unpadded: no padded keys to re-block
-    attn = attn & ~attn.all(dim=-1, keepdim=True)
-    return attn.repeat_interleave(decoder.num_heads, dim=0)
-
-
-@contextlib.contextmanager
-def traceable_masks(module: nn.Module) -> Iterator[None]:
-    """Inside the block, every XDecoder in `module` uses `cross_mask` (export only)."""
-    decoders = [m for m in module.modules() if isinstance(m, XDecoder)]
-    for decoder in decoders:
-        decoder._cross_mask = functools.partial(cross_mask, decoder)  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        for decoder in decoders:
-            del decoder._cross_mask
 
 
 def memory_of(decoder: XDecoder, features: tuple[torch.Tensor, ...]) -> DecoderMemory:

@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from models.checkpoint import file_sha256
-from models.configs import get_config
+from models.configs import (
+    DecoderConfig,
+    FocalNetConfig,
+    PixelDecoderConfig,
+    ResizeRule,
+    TextConfig,
+    XDecoderConfig,
+    get_config,
+)
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -71,6 +79,25 @@ class Manifest:
 def config_dict(name: str) -> dict[str, Any]:
     """The current named config as plain JSON data (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(get_config(name))))
+
+
+def config_from_dict(data: dict[str, Any]) -> XDecoderConfig:
+    """The `XDecoderConfig` a manifest's `config` holds (the inverse of `config_dict`)."""
+    rules = {
+        task: ResizeRule(rule["short"], rule["max_size"], tuple(rule["fixed"]) if rule["fixed"] else None)
+        for task, rule in data["resize"].items()
+    }
+    backbone = {**data["backbone"], "depths": tuple(data["backbone"]["depths"])}
+    return XDecoderConfig(
+        name=data["name"],
+        backbone=FocalNetConfig(**backbone),
+        pixel_decoder=PixelDecoderConfig(**data["pixel_decoder"]),
+        decoder=DecoderConfig(**data["decoder"]),
+        text=TextConfig(**data["text"]),
+        resize=rules,
+        reference_keys=data["reference_keys"],
+        released=data["released"],
+    )
 
 
 def read_manifest(directory: str | Path, check_files: bool = True) -> Manifest:

@@ -9,16 +9,20 @@ axis is specialised to 1.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from pathlib import Path
 
 import torch
 
-from export.graphs import FEATURES, GraphSpec, graph_specs, traceable_masks
-from export.manifest import MSDA_FORMS, GraphEntry, Manifest, config_dict
+from export.graphs import FEATURES, GraphSpec, graph_specs
+from export.manifest import MSDA_FORMS, GraphEntry, Manifest
 from export.symbolics import MIN_OPSET, register_symbolics
+from export.traceable import traceable
 from models.checkpoint import file_sha256
 from models.language.tokenizer import BOS_ID, EOS_ID
+from models.ops import MSDeformAttn
 from models.ops.onnx_export import export_onnx
 from models.predictor import build_model
 from models.xdecoder import XDecoderModel
@@ -39,6 +43,10 @@ def default_sizes(model: XDecoderModel) -> list[tuple[int, int]]:
         if size not in sizes:
             sizes.append(size)
     return sizes
+
+
+def has_deformable_attention(model: XDecoderModel) -> bool:
+    return any(isinstance(m, MSDeformAttn) for m in model.modules())
 
 
 def example_inputs(
@@ -89,7 +97,7 @@ def export_graph(
 ) -> None:
     args = tuple(inputs[name] for name in spec.inputs)
     axes = {k: v for k, v in spec.dynamic_axes.items() if k in spec.inputs or k in spec.outputs}
-    with traceable_masks(spec.module):
+    with traceable(spec.module):
         export_onnx(
             spec.module.eval(),
             args,
@@ -111,18 +119,40 @@ def export_onnx_model(
     opset: int = MIN_OPSET,
     sizes: list[tuple[int, int]] | None = None,
 ) -> Manifest:
-    """Write every graph of model `name` and `manifest.json` into `out`; returns the manifest.
+    """Write every graph of the named model (with its checkpoint) and `manifest.json` into `out`."""
+    model, weights_id = build_model(name, checkpoint)
+    extra = {"checkpoint": None if checkpoint is None else str(checkpoint)}
+    return export_model(model, weights_id, out, msda, dynamic, opset, sizes, extra)
+
+
+def export_model(
+    model: XDecoderModel,
+    weights_id: str,
+    out: Path,
+    msda: str = "plugin",
+    dynamic: bool = True,
+    opset: int = MIN_OPSET,
+    sizes: list[tuple[int, int]] | None = None,
+    extra: dict | None = None,
+) -> Manifest:
+    """Export `model` (config `model.cfg`) into `out`; returns the manifest written there.
 
     `dynamic`: image axes dynamic (one graph each); otherwise one image-side graph per size in
     `sizes` (default `default_sizes`). Batch and text axes are always dynamic.
     """
     if msda not in MSDA_FORMS:
         raise ValueError(f"--msda must be one of {sorted(MSDA_FORMS)}, got {msda!r}")
+    if msda == "portable" and dynamic and has_deformable_attention(model):
+        raise ValueError(
+            "the portable MSDA form (GridSample) bakes the level sizes into the graph: export it with "
+            "fixed sizes (no --dynamic, sizes from --size), or use --msda plugin for dynamic sizes"
+        )
     register_symbolics(opset)
-    model, weights_id = build_model(name, checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     if dynamic:
-        trace_sizes = [(max(default_sizes(model)), None)]
+        trace_sizes: list[tuple[tuple[int, int], tuple[int, int] | None]] = [
+            (max(default_sizes(model)), None)
+        ]
         declared: list[tuple[int, int]] = []
     else:
         declared = sizes or default_sizes(model)
@@ -142,16 +172,16 @@ def export_onnx_model(
             )
     manifest = Manifest(
         kind="onnx",
-        model=name,
+        model=model.cfg.name,
         weights_id=weights_id,
-        config=config_dict(name),
+        config=json.loads(json.dumps(dataclasses.asdict(model.cfg))),
         opset=opset,
         msda=msda,
         dynamic=dynamic,
         input_sizes=[list(s) for s in declared],
         logit_scale=float(model.text_encoder.logit_scale.detach()),
         graphs=entries,
-        extra={"checkpoint": None if checkpoint is None else str(checkpoint), "torch": torch.__version__},
+        extra={**(extra or {}), "torch": torch.__version__},
     )
     manifest.write(out)
     return manifest

@@ -26,8 +26,7 @@ import numpy as np
 import torch
 
 from export.graphs import FEATURES
-from export.manifest import GraphEntry, Manifest, check_config, read_manifest
-from models.configs import get_config
+from export.manifest import GraphEntry, Manifest, check_config, config_from_dict, read_manifest
 from models.language.text_encoder import LanguageEncoder, TextEncoderConfig
 from models.language.tokenizer import BOS_ID, EOS_ID, ClipTokenizer
 
@@ -106,7 +105,7 @@ class ExportedModel:
         self, manifest: Manifest, open_graph: Callable[[GraphEntry], GraphRunner], device: str
     ) -> None:
         self.manifest = manifest
-        self.cfg = get_config(manifest.model)
+        self.cfg = config_from_dict(manifest.config)
         self.device = torch.device(device)
         self._open_graph = open_graph
         self._runners: dict[tuple[str, tuple[int, int] | None], GraphRunner] = {}
@@ -285,11 +284,17 @@ def open_runner(runtime: str, directory: Path, device: str) -> Callable[[GraphEn
     raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
 
 
-def load_exported(directory: str | Path, runtime: str = "onnxruntime", device: str = "cpu") -> ExportedModel:
-    """The exported model in `directory` (an `openset export onnx` or `export tensorrt` output)."""
+def load_exported(
+    directory: str | Path, runtime: str = "onnxruntime", device: str = "cpu", same_config: bool = True
+) -> ExportedModel:
+    """The exported model in `directory` (an `openset export onnx` or `export tensorrt` output).
+
+    `same_config`: the export must match the config the code now has under its name.
+    """
     directory = Path(directory)
     manifest = read_manifest(directory)
-    check_config(manifest)
+    if same_config:
+        check_config(manifest)
     expected = "tensorrt" if runtime == "tensorrt" else "onnx"
     if manifest.kind != expected:
         raise ValueError(

@@ -1,0 +1,142 @@
+"""Parity of an export with PyTorch (`openset export verify DIR`).
+
+1. Every graph against the same torch module (`export.graphs`, with the model's own decoder code) on
+   seeded inputs at each checked image size: max |onnx - torch| per output, which passes when it is
+   at most `atol + rtol * max|torch|`.
+2. With `--reference CASE_DIR` (a golden case of `../shared/reference/`, e.g. the Focal-T case_a),
+   the exported model runs the case's captioning and retrieval inputs (224 x 224) and its outputs are
+   compared with the golden arrays under the case's own tolerances (`models.reference_compare`).
+
+One line per comparison; the exit status is non-zero when any fails.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.graphs import graph_specs
+from export.manifest import read_manifest
+from export.onnx_graphs import example_inputs
+from export.runtime import ExportedModel, load_exported
+from models.postprocess import retrieval_scores
+from models.predictor import build_model
+from models.reference_compare import compare_array
+
+ATOL = 1e-4
+RTOL = 1e-3
+
+
+@dataclass
+class Check:
+    """One compared output: `name` (graph:output@size or case:array), errors and verdict."""
+
+    name: str
+    max_abs: float
+    scale: float
+    ok: bool
+
+    def line(self) -> str:
+        verdict = "PASS" if self.ok else "FAIL"
+        return f"{self.name:<48} max_abs {self.max_abs:.3e}  max|ref| {self.scale:.3e}  {verdict}"
+
+
+def check_sizes(model_sizes: list[list[int]], dynamic: bool, base: tuple[int, int]) -> list[tuple[int, int]]:
+    """Declared sizes of a fixed export; for a dynamic one, `base` and a wider, non-square size."""
+    if not dynamic:
+        return [(h, w) for h, w in model_sizes]
+    h, w = base
+    return [(h, w), (h - 64 if h > 96 else h, w + 64)]
+
+
+def compare_graphs(
+    exported: ExportedModel, model: torch.nn.Module, sizes: list[tuple[int, int]], seed: int
+) -> list[Check]:
+    """Every graph's outputs against torch at each size (seeded inputs made by the torch model)."""
+    checks = []
+    for size in sizes:
+        inputs = example_inputs(model, size, seed=seed)
+        for spec in graph_specs(model, dynamic_size=exported.manifest.dynamic):
+            feeds = inputs[spec.name]
+            with torch.no_grad():
+                expected = spec.module.eval()(*(feeds[name] for name in spec.inputs))
+            expected = expected if isinstance(expected, tuple) else (expected,)
+            graph_size = None if spec.name == "text_encoder" else size
+            actual = exported.run(spec.name, graph_size, {k: v.numpy() for k, v in feeds.items()})
+            for name, ref in zip(spec.outputs, expected, strict=True):
+                ref = ref.numpy()
+                got = actual[name]
+                if got.shape != ref.shape:
+                    checks.append(Check(f"{spec.name}:{name}@{size}", float("inf"), 0.0, False))
+                    continue
+                err = float(np.abs(got.astype(np.float64) - ref).max()) if ref.size else 0.0
+                scale = float(np.abs(ref).max()) if ref.size else 0.0
+                tag = f"{spec.name}:{name}@{size[0]}x{size[1]}"
+                checks.append(Check(tag, err, scale, err <= ATOL + RTOL * scale))
+    return checks
+
+
+def compare_reference_case(exported: ExportedModel, case_dir: Path) -> list[Check]:
+    """Captioning and retrieval of a golden case through the exported model, under the case's rules."""
+    case = json.loads((case_dir / "case.json").read_text())
+    checks = []
+
+    def add(task: str, name: str, actual: torch.Tensor | np.ndarray) -> None:
+        npz = np.load(case_dir / case["tasks"][task]["file"])
+        ok, max_abs, max_rel = compare_array(name, actual, npz, case["tasks"][task])
+        scale = max_abs / max_rel if max_rel else 0.0
+        checks.append(Check(f"{task}:{name}", float(max_abs), float(scale), bool(ok)))
+
+    spec = case["tasks"]["captioning"]
+    images = torch.from_numpy(np.load(case_dir / spec["file"])["input_tensor"])
+    features = exported.encode_images(images)
+    tokens = exported.greedy_caption(features, spec.get("steps", 50), early_stop=False)
+    add("captioning", "captioning.final_tokens", tokens[0])
+
+    spec = case["tasks"]["retrieval"]
+    npz = np.load(case_dir / spec["file"])
+    features = exported.encode_images(torch.from_numpy(npz["input_tensor"]))
+    head, _ = exported.decoder.forward_seg(features.memory)
+    decoder = head.embeds[:, -1]
+    backbone = exported.backbone_embedding(features)
+    text = exported.text_encoder.eos_features(torch.from_numpy(npz["retrieval.text_input_ids"]))
+    add("retrieval", "final.pred_captions", head.embeds)
+    add("retrieval", "retrieval.image_embed_decoder", decoder)
+    add("retrieval", "retrieval.image_embed_backbone", backbone)
+    add("retrieval", "retrieval.text_embeds", text)
+    add("retrieval", "retrieval.scores", retrieval_scores(decoder, backbone, text))
+    return checks
+
+
+def verify_export(
+    directory: str | Path,
+    checkpoint: str | Path | None = None,
+    sizes: list[tuple[int, int]] | None = None,
+    seed: int = 1,
+    reference: str | Path | None = None,
+) -> list[Check]:
+    """All checks of the export in `directory` (see the module docstring)."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if checkpoint is None:
+        checkpoint = manifest.extra.get("checkpoint")
+    model, weights_id = build_model(manifest.model, checkpoint)
+    if weights_id != manifest.weights_id:
+        raise ValueError(
+            f"the export was made from weights {manifest.weights_id}, but {checkpoint} is {weights_id}; "
+            "pass the export's checkpoint with --checkpoint"
+        )
+    exported = load_exported(directory, "onnxruntime")
+    if sizes is None:
+        base = max((rule.fixed or (rule.short, rule.short)) for rule in model.cfg.resize.values())
+        sizes = check_sizes(
+            manifest.input_sizes, manifest.dynamic, (-(-base[0] // 32) * 32, -(-base[1] // 32) * 32)
+        )
+    checks = compare_graphs(exported, model, sizes, seed)
+    if reference is not None:
+        checks += compare_reference_case(exported, Path(reference))
+    return checks
