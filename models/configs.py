@@ -116,22 +116,26 @@ _CONFIGS: dict[str, XDecoderConfig] = {
         decoder=DecoderConfig(num_queries=201),
         reference_keys="xdecoder_focall/keys.json",
     ),
-    # A small model of the same architecture (about 15 MB fp32) for the embedded default and fast tests.
-    # It keeps the real CLIP vocabulary so the real tokenizer drives it.
+    # The embedded demo model (models/demo/README.md): trained on ShapesWorld by `openset train-demo`,
+    # weights in models/weights/demo.safetensors (fp16). Same modules as the released models, scaled
+    # down, with the multi-scale deformable attention pixel decoder and the real CLIP vocabulary.
+    # Every task takes a fixed 160x160 input (the training size).
     "demo": XDecoderConfig(
         name="demo",
-        backbone=FocalNetConfig(variant="focal_dw", embed_dim=16, depths=(1, 1, 2, 1), focal_levels=2),
+        backbone=FocalNetConfig(variant="focal_dw", embed_dim=24, depths=(1, 1, 2, 1), focal_levels=2),
         pixel_decoder=PixelDecoderConfig(
-            conv_dim=64, mask_dim=64, num_heads=4, dim_feedforward=128, num_encoder_layers=1, norm_groups=8
+            name="transformer_encoder_deform",
+            conv_dim=64,
+            mask_dim=64,
+            num_heads=4,
+            dim_feedforward=128,
+            num_encoder_layers=2,
+            norm_groups=8,
+            num_points=4,
         ),
         decoder=DecoderConfig(hidden_dim=64, num_heads=4, dim_feedforward=128, num_layers=3, num_queries=17),
         text=TextConfig(width=64, layers=2, heads=4, projection_dim=64),
-        resize={
-            "segmentation": ResizeRule(short=256, max_size=512),
-            "grounding": ResizeRule(short=256, max_size=512),
-            "captioning": ResizeRule(fixed=(128, 128)),
-            "retrieval": ResizeRule(fixed=(128, 128)),
-        },
+        resize={task: ResizeRule(fixed=(160, 160)) for task in official_resize()},
         released=False,
     ),
 }
