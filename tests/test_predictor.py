@@ -60,7 +60,8 @@ def test_identity_and_info(predictor: Predictor) -> None:
     info = predictor.info
     assert info["name"] == "demo" and info["runtime"] == "torch" and info["device"] == "cpu"
     assert {"semantic", "panoptic", "instance", "refer", "caption", "retrieve"} <= set(info["tasks"])
-    assert info["input_sizes"]["segmentation"] == {"short": 256, "max": 512}
+    fixed = get_config("demo").resize["segmentation"].fixed
+    assert info["input_sizes"]["segmentation"] == {"fixed": list(fixed)}
 
 
 def test_demo_init_is_deterministic(predictor: Predictor) -> None:
