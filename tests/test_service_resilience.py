@@ -36,12 +36,17 @@ def caption_body(size: int = 96) -> dict:
     return {"image": base64.b64encode(image_bytes(size, size)).decode()}
 
 
+def segment_body(size: int = 96) -> dict:
+    return {**caption_body(size), "vocabulary": ["dark", "mid", "bright"]}
+
+
 def test_overload_answers_429_with_retry_after(server):
+    assert httpx.post(f"{server.url}/v1/segment", json=segment_body(), timeout=60).status_code == 200
     before = metric(server.metrics(), "openset_rejected_total", reason="queue_full")
 
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-            return await asyncio.gather(*(client.post("/v1/caption", json=caption_body()) for _ in range(30)))
+            return await asyncio.gather(*(client.post("/v1/segment", json=segment_body()) for _ in range(30)))
 
     responses = asyncio.run(burst())
     statuses = [response.status_code for response in responses]
@@ -52,7 +57,7 @@ def test_overload_answers_429_with_retry_after(server):
     assert {response.json()["error"]["code"] for response in rejected} == {"queue_full"}
     after = metric(server.metrics(), "openset_rejected_total", reason="queue_full")
     assert after - before == len(rejected)
-    assert httpx.post(f"{server.url}/v1/caption", json=caption_body(), timeout=60).status_code == 200
+    assert httpx.post(f"{server.url}/v1/segment", json=segment_body(), timeout=60).status_code == 200
 
 
 def test_expired_request_is_answered_504_without_compute(server):
@@ -97,7 +102,9 @@ def test_worker_killed_mid_load_fails_its_requests_503_and_recovers(server):
     threads = [threading.Thread(target=load) for _ in range(3)]
     for thread in threads:
         thread.start()
-    time.sleep(1.0)
+    deadline = time.monotonic() + 120
+    while len(statuses) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)  # kill once requests flow (the worker is then almost always mid-batch)
     before_kill = len(statuses)
     os.kill(pid, signal.SIGKILL)
     time.sleep(0.5)
@@ -130,9 +137,15 @@ def test_sigterm_finishes_in_flight_work_then_exits(server):
         result["response"] = httpx.post(f"{server.url}/v1/segment", json=body, timeout=60)
         result["finished"] = time.monotonic()
 
+    misses = metric(server.metrics(), "openset_text_cache_requests_total", tier="memory", result="miss")
     thread = threading.Thread(target=call)
     thread.start()
-    time.sleep(0.2)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # signal once the gateway holds the request
+        now = metric(server.metrics(), "openset_text_cache_requests_total", tier="memory", result="miss")
+        if now >= misses + 64:
+            break
+        time.sleep(0.01)
     signalled = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
     thread.join(60)
