@@ -114,7 +114,8 @@ def test_worker_killed_mid_load_fails_its_requests_503_and_recovers(server):
         assert not thread.is_alive(), "a request hung after the worker died"
     assert before_kill > 0 and (200, "") in statuses[:before_kill]
     assert (503, "worker_died") in statuses, statuses
-    assert {status for status, _ in statuses} <= {200, 503, 429}, statuses
+    # Queued requests wait for the replacement worker (or their deadline); new ones meet 503 until it is up.
+    assert {status for status, _ in statuses} <= {200, 429, 503, 504}, statuses
     server.wait_ready(120)
     (new_pid,) = worker_pids(server.process.pid)
     assert new_pid != pid
