@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 # Modules that define `add_command(subparsers) -> None`; each adds one subcommand whose parser
 # sets `func` to the callable that runs it (returning an exit status).
-COMMANDS: list[str] = ["service.serve_command", "export.commands"]
+COMMANDS: list[str] = ["service.serve_command", "export.commands", "models.demo.commands"]
 
 
 def build_parser() -> argparse.ArgumentParser:
