@@ -135,13 +135,19 @@ def shape_outline(shape: str, centre: tuple[float, float], radius: float, angle:
 def rasterise(
     shape: str, centre: tuple[float, float], radius: float, angle: float, hw: tuple[int, int]
 ) -> np.ndarray:
-    """Bool mask (H, W) of the pixels whose centres lie inside the shape."""
+    """Bool mask (H, W) of the pixels whose centres lie inside the shape (tested within its box)."""
     height, width = hw
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
+    left, right, up, down = shape_extent(shape, radius, angle)
+    x0, x1 = max(0, math.floor(centre[0] - left)), min(width, math.ceil(centre[0] + right) + 1)
+    y0, y1 = max(0, math.floor(centre[1] - up)), min(height, math.ceil(centre[1] + down) + 1)
+    mask = np.zeros((height, width), dtype=bool)
+    ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float64) + 0.5
     outline = shape_outline(shape, centre, radius, angle)
     if outline is None:
-        return (xs - centre[0]) ** 2 + (ys - centre[1]) ** 2 <= radius**2
-    return points_in_polygon(xs, ys, outline)
+        mask[y0:y1, x0:x1] = (xs - centre[0]) ** 2 + (ys - centre[1]) ** 2 <= radius**2
+    else:
+        mask[y0:y1, x0:x1] = points_in_polygon(xs, ys, outline)
+    return mask
 
 
 def points_in_polygon(xs: np.ndarray, ys: np.ndarray, polygon: np.ndarray) -> np.ndarray:

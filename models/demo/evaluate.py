@@ -1,0 +1,228 @@
+"""Score a model on fresh, seeded ShapesWorld images through the `Predictor` API (the spec's scores).
+
+    scores = evaluate(predictor, EvalSettings(num_images=100, seed=2026))
+
+- segmentation: semantic mIoU (per class, accumulated over the images) on seen classes and on the
+  held-out combinations, and panoptic quality; vocabulary = the classes present plus 3 absent ones;
+- referring: mean IoU over single-target phrases (best match), IoU of the union for phrases with
+  several targets (every match above the threshold), share of empty answers for absent targets;
+- captioning: F1 of the (size?, colour, shape) and stuff mentions against the true caption;
+- retrieval: text-to-image recall@1 and @5 over galleries of 100 images and their true captions.
+
+Images come from `render_scene(..., allow_held_out=True)`, so held-out combinations appear.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.demo.phrases import sample_phrase, scene_mentions
+from models.demo.shapesworld import HELD_OUT, SHAPES, STUFF_COLOURS, THING_COLOURS, Scene, render_scene
+from models.predictor import Predictor
+
+HELD_OUT_NAMES = frozenset(f"{c} {s}" for c, s in HELD_OUT)
+SIZE_WORDS = ("small", "large")
+
+
+@dataclass
+class EvalSettings:
+    num_images: int = 100  # segmentation, referring and captioning images
+    galleries: int = 2  # retrieval galleries
+    gallery_size: int = 100
+    seed: int = 2026
+    batch_size: int = 16
+
+
+def render_scenes(rng: np.random.Generator, count: int) -> list[Scene]:
+    return [render_scene(rng, allow_held_out=True) for _ in range(count)]
+
+
+def chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def class_masks(scene: Scene) -> dict[str, np.ndarray]:
+    """Ground-truth mask of every class present (thing classes as the union of their instances)."""
+    masks: dict[str, np.ndarray] = {}
+    for thing in scene.things:
+        masks[thing.name] = masks.get(thing.name, np.zeros_like(thing.mask)) | thing.mask
+    for region in scene.stuff:
+        if region.mask.any():
+            masks[region.name] = region.mask
+    return masks
+
+
+def distractors(rng: np.random.Generator, present: list[str], count: int = 3) -> list[str]:
+    """`count` absent class names (thing combinations, held-out ones included, or stuff)."""
+    names = [f"{c} {s}" for c in THING_COLOURS for s in SHAPES] + list(STUFF_COLOURS)
+    absent = [n for n in names if n not in present]
+    return [absent[i] for i in sorted(rng.permutation(len(absent))[:count])]
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def panoptic_quality(scene: Scene, segments: list, vocabulary: list[str]) -> tuple[float, int, int, int]:
+    """(sum of matched IoUs, TP, FP, FN) of one image; a match is the same class with IoU > 0.5."""
+    truth = [(t.name, t.mask) for t in scene.things] + [(r.name, r.mask) for r in scene.stuff if r.mask.any()]
+    used, iou_sum, tp = set(), 0.0, 0
+    for seg in segments:
+        name = vocabulary[seg.label_index]
+        for k, (true_name, mask) in enumerate(truth):
+            if k not in used and true_name == name:
+                value = iou(seg.mask, mask)
+                if value > 0.5:
+                    used.add(k)
+                    iou_sum += value
+                    tp += 1
+                    break
+    return iou_sum, tp, len(segments) - tp, len(truth) - tp
+
+
+def evaluate_segmentation(
+    predictor: Predictor, scenes: list[Scene], rng: np.random.Generator, batch_size: int
+) -> dict[str, float]:
+    inter: Counter[str] = Counter()
+    union: Counter[str] = Counter()
+    pq_iou, tp, fp, fn = 0.0, 0, 0, 0
+    for group in chunks(scenes, batch_size):
+        vocabularies, flags = [], []
+        for scene in group:
+            present = scene.class_names()
+            vocabularies.append(present + distractors(rng, present))
+            flags.append([n not in STUFF_COLOURS for n in vocabularies[-1]])
+        embeddings = [predictor.encode_texts(v) for v in vocabularies]
+        images = [s.image for s in group]
+        semantic = predictor.segment(images, embeddings, "semantic", thing_flags=flags)
+        panoptic = predictor.segment(images, embeddings, "panoptic", thing_flags=flags)
+        for scene, vocab, sem, pan in zip(group, vocabularies, semantic, panoptic, strict=True):
+            predicted: dict[str, np.ndarray] = {}
+            for seg in sem.segments:
+                predicted[vocab[seg.label_index]] = seg.mask
+            for name, mask in class_masks(scene).items():
+                guess = predicted.get(name, np.zeros_like(mask))
+                inter[name] += int(np.logical_and(mask, guess).sum())
+                union[name] += int(np.logical_or(mask, guess).sum())
+            s, t, f, n = panoptic_quality(scene, pan.segments, vocab)
+            pq_iou, tp, fp, fn = pq_iou + s, tp + t, fp + f, fn + n
+    per_class = {name: inter[name] / union[name] for name in union if union[name]}
+    seen = [v for k, v in per_class.items() if k not in HELD_OUT_NAMES]
+    held = [v for k, v in per_class.items() if k in HELD_OUT_NAMES]
+    return {
+        "seg_miou_seen": float(np.mean(seen)) if seen else float("nan"),
+        "seg_miou_held_out": float(np.mean(held)) if held else float("nan"),
+        "seg_held_out_classes": len(held),
+        "panoptic_quality": pq_iou / max(tp + 0.5 * fp + 0.5 * fn, 1e-9),
+    }
+
+
+def evaluate_referring(
+    predictor: Predictor, scenes: list[Scene], rng: np.random.Generator, batch_size: int
+) -> dict[str, float]:
+    single, multi, empty = [], [], []
+    for group in chunks(scenes, batch_size):
+        images = [s.image for s in group]
+        for form in ("single", "all", "absent"):
+            phrases = [sample_phrase(rng, s, allow_held_out=True, form=form) for s in group]
+            texts = [p.text for p in phrases]
+            if form == "single":
+                results = predictor.refer(images, texts, multi=False)
+            else:
+                results = predictor.refer(images, texts, multi=True)
+            for scene, phrase, result in zip(group, phrases, results, strict=True):
+                truth = np.zeros(scene.image.shape[:2], dtype=bool)
+                for i in phrase.targets:
+                    truth |= scene.things[i].mask
+                answer = np.zeros_like(truth)
+                for match in result.matches:
+                    answer |= match.mask
+                if not phrase.targets:
+                    empty.append(float(not result.matches))
+                elif len(phrase.targets) == 1 and form == "single":
+                    single.append(iou(answer, truth))
+                else:
+                    multi.append(iou(answer, truth))
+    return {
+        "refer_miou_single": float(np.mean(single)) if single else float("nan"),
+        "refer_miou_multi": float(np.mean(multi)) if multi else float("nan"),
+        "refer_empty_share": float(np.mean(empty)) if empty else float("nan"),
+    }
+
+
+def parse_caption(text: str) -> tuple[list[tuple[str | None, str, str]], list[str]]:
+    """Mentions (size?, colour, shape) and stuff names read from a caption of the ShapesWorld pattern."""
+    things_part, _, stuff_part = text.partition(" on ")
+    mentions = []
+    for chunk in re.split(r",| and ", things_part):
+        words = chunk.split()
+        size = next((w for w in words if w in SIZE_WORDS), None)
+        colour = next((w for w in words if w in THING_COLOURS), None)
+        shape = next((w for w in words if w in SHAPES), None)
+        if colour and shape:
+            mentions.append((size, colour, shape))
+    stuff = [w for w in re.split(r"\s+under\s+|\s+", stuff_part.strip()) if w in STUFF_COLOURS]
+    return mentions, stuff
+
+
+def f1(predicted: list, truth: list) -> tuple[int, int, int]:
+    """(matches, predicted count, true count) of two multisets."""
+    hits = sum((Counter(predicted) & Counter(truth)).values())
+    return hits, len(predicted), len(truth)
+
+
+def evaluate_captioning(predictor: Predictor, scenes: list[Scene], batch_size: int) -> dict[str, float]:
+    counts = np.zeros((2, 3))
+    for group in chunks(scenes, batch_size):
+        for scene, caption in zip(group, predictor.caption([s.image for s in group]), strict=True):
+            mentions, stuff = parse_caption(caption)
+            true_mentions, true_stuff = scene_mentions(scene)
+            counts[0] += f1(mentions, true_mentions)
+            counts[1] += f1(stuff, true_stuff)
+
+    def score(c: np.ndarray) -> float:
+        return float(2 * c[0] / max(c[1] + c[2], 1))
+
+    return {
+        "caption_thing_f1": score(counts[0]),
+        "caption_stuff_f1": score(counts[1]),
+        "caption_mention_f1": score(counts.sum(axis=0)),
+    }
+
+
+def evaluate_retrieval(
+    predictor: Predictor, rng: np.random.Generator, galleries: int, size: int, batch_size: int
+) -> dict[str, float]:
+    at1, at5 = [], []
+    for _ in range(galleries):
+        scenes = render_scenes(rng, size)
+        captions = [s.caption for s in scenes]
+        scores = np.concatenate(
+            [predictor.retrieve([s.image for s in g], captions).numpy() for g in chunks(scenes, batch_size)]
+        )  # (images, texts)
+        for j, caption in enumerate(captions):
+            ranked = np.argsort(-scores[:, j], kind="stable")
+            hits = [captions[i] == caption for i in ranked[:5]]  # an identical caption counts as right
+            at1.append(float(hits[0]))
+            at5.append(float(any(hits)))
+    return {"retrieval_r1": float(np.mean(at1)), "retrieval_r5": float(np.mean(at5))}
+
+
+def evaluate(predictor: Predictor, settings: EvalSettings) -> dict[str, float]:
+    """Every score of the spec on fresh images drawn from `settings.seed`."""
+    rng = np.random.default_rng(settings.seed)
+    scenes = render_scenes(rng, settings.num_images)
+    scores: dict[str, float] = {"images": settings.num_images, "seed": settings.seed}
+    scores |= evaluate_segmentation(predictor, scenes, rng, settings.batch_size)
+    scores |= evaluate_referring(predictor, scenes, rng, settings.batch_size)
+    scores |= evaluate_captioning(predictor, scenes, settings.batch_size)
+    if settings.galleries:
+        scores |= evaluate_retrieval(
+            predictor, rng, settings.galleries, settings.gallery_size, settings.batch_size
+        )
+    return scores

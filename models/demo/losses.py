@@ -1,0 +1,248 @@
+"""The one training recipe of the demo model: every task's loss from one image pass.
+
+    images -> backbone -> pixel decoder -> decoder memory
+      segmentation pass (every head)   -> set-matched class CE (background = the "background" text)
+                                          + mask BCE + dice                         `loss_seg`
+      grounding pass (every head)      -> set-matched phrase scores (BCE on the cosine of each
+                                          grounding query with the phrase, 0.5 = the decision
+                                          threshold of `Predictor.refer`) + mask BCE + dice  `loss_ground`
+      caption rows (teacher forcing)   -> next-token CE against the token embeddings  `loss_caption`
+      pooled class query + res5 proj   -> contrastive with the captions (the retrieval score of
+                                          `Predictor.retrieve`), perturbed captions as negatives
+                                                                                    `loss_retrieval`
+
+Class names are embedded with one random prompt template each (the predictor averages all 81).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.decoders.xdecoder import CaptionState, HeadOutput, class_logits, project
+from models.demo.data import Example
+from models.demo.matching import hungarian_match
+from models.language.prompts import PROMPT_TEMPLATES
+from models.language.tokenizer import ClipTokenizer
+from models.predictor import REFER_THRESHOLD
+from models.xdecoder import XDecoderModel
+
+CLASS_WEIGHT, BCE_WEIGHT, DICE_WEIGHT = 2.0, 5.0, 5.0
+BACKGROUND_WEIGHT = 0.1  # class-CE weight of unmatched queries (Mask2Former's eos_coef)
+GROUNDING_SCALE = 10.0  # logit = scale * (cosine - REFER_THRESHOLD)
+GROUNDING_POS_WEIGHT = 4.0
+RETRIEVAL_SCALE = 20.0
+CAPTION_WEIGHT, RETRIEVAL_WEIGHT = 1.0, 1.0
+CAPTION_NEGATIVES = 2048
+
+
+def mask_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Matched pairs: mask logits (N, P), targets (N, P) -> (mean BCE, mean dice loss)."""
+    if logits.shape[0] == 0:
+        zero = logits.sum() * 0.0
+        return zero, zero
+    bce = F.binary_cross_entropy_with_logits(logits, targets)
+    probs = logits.sigmoid()
+    dice = 1 - (2 * (probs * targets).sum(-1) + 1) / (probs.sum(-1) + targets.sum(-1) + 1)
+    return bce, dice.mean()
+
+
+def flat_masks(masks: torch.Tensor) -> torch.Tensor:
+    """(N, h, w) mask logits -> (N, h * w)."""
+    return masks.flatten(1)
+
+
+def pooled_targets(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, S, S) soft masks -> (N, h * w) at the mask logits' size, area pooled."""
+    if masks.shape[0] == 0:
+        return masks.new_zeros(0, size[0] * size[1])
+    return F.adaptive_avg_pool2d(masks[None], size)[0].flatten(1)
+
+
+def class_embeddings(
+    model: XDecoderModel, tokenizer: ClipTokenizer, names: list[str], rng: np.random.Generator
+) -> torch.Tensor:
+    """(C, D) unit-norm embeddings, each name in one random prompt template."""
+    prompts = [PROMPT_TEMPLATES[rng.integers(len(PROMPT_TEMPLATES))].format(n) for n in names]
+    ids, _ = tokenizer.encode(prompts, context_length=model.cfg.text.context_length)
+    emb = model.text_encoder.eos_features(ids)
+    return emb / (emb.norm(dim=-1, keepdim=True) + 1e-7)
+
+
+def text_features(
+    model: XDecoderModel, tokenizer: ClipTokenizer, texts: list[str]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids (N, L) cut after the longest text, attention (N, L), token features (N, L, D) and
+    EOS features (N, D), from one text-encoder pass."""
+    ids, attention = tokenizer.encode(texts, context_length=model.cfg.text.context_length)
+    eos = ids.argmax(dim=1)
+    length = int(eos.max()) + 1
+    ids, attention = ids[:, :length], attention[:, :length]
+    feats = model.text_encoder.token_features(ids)
+    return ids, attention, feats, feats[torch.arange(len(texts)), eos]
+
+
+def segmentation_loss(
+    heads: list[HeadOutput],
+    examples: list[Example],
+    vocab: list[torch.Tensor],
+    logit_scale: torch.Tensor,
+) -> torch.Tensor:
+    """Set-matched class CE + mask BCE + dice over the object queries of every head."""
+    q = heads[0].embeds.shape[1]  # object queries are 0..q-2; q-1 is the class query
+    total = heads[0].embeds.new_zeros(())
+    size = tuple(heads[0].masks.shape[-2:])
+    targets = [pooled_targets(ex.masks, size) for ex in examples]
+    for head in heads:
+        for i, ex in enumerate(examples):
+            logits = class_logits(head.embeds[i, : q - 1], vocab[i], logit_scale)  # (Q-1, C+1)
+            masks = flat_masks(head.masks[i, : q - 1])
+            cost = -logits.softmax(-1)[:, ex.labels]
+            rows, cols = hungarian_match(masks, targets[i], cost, (CLASS_WEIGHT, BCE_WEIGHT, DICE_WEIGHT))
+            background = vocab[i].shape[0] - 1
+            labels = torch.full((q - 1,), background, dtype=torch.long)
+            labels[rows] = ex.labels[cols]
+            weight = torch.ones(vocab[i].shape[0])
+            weight[background] = BACKGROUND_WEIGHT
+            ce = F.cross_entropy(logits, labels, weight=weight)
+            bce, dice = mask_losses(masks[rows], targets[i][cols])
+            total = total + CLASS_WEIGHT * ce + BCE_WEIGHT * bce + DICE_WEIGHT * dice
+    return total / len(examples)
+
+
+def grounding_loss(
+    heads: list[HeadOutput], examples: list[Example], phrase_emb: torch.Tensor, q: int
+) -> torch.Tensor:
+    """Grounding copies (rows Q..2Q-2) matched to the phrase's targets: BCE on their scores (matched
+    = 1, others = 0, so an absent target leaves every score below the threshold) + mask BCE + dice."""
+    total = phrase_emb.new_zeros(())
+    text = phrase_emb / (phrase_emb.norm(dim=-1, keepdim=True) + 1e-7)
+    size = tuple(heads[0].masks.shape[-2:])
+    targets = [pooled_targets(ex.phrase_masks, size) for ex in examples]
+    for head in heads:
+        for i in range(len(examples)):
+            emb = head.embeds[i, q:]
+            cosine = (emb / (emb.norm(dim=-1, keepdim=True) + 1e-7)) @ text[i]
+            score = GROUNDING_SCALE * (cosine - REFER_THRESHOLD)
+            masks = flat_masks(head.masks[i, q:])
+            cost = -score.sigmoid()[:, None].expand(-1, targets[i].shape[0])
+            rows, cols = hungarian_match(masks, targets[i], cost, (CLASS_WEIGHT, BCE_WEIGHT, DICE_WEIGHT))
+            labels = torch.zeros_like(score)
+            labels[rows] = 1.0
+            bce_score = F.binary_cross_entropy_with_logits(
+                score, labels, pos_weight=torch.tensor(GROUNDING_POS_WEIGHT)
+            )
+            bce, dice = mask_losses(masks[rows], targets[i][cols])
+            total = total + CLASS_WEIGHT * bce_score + BCE_WEIGHT * bce + DICE_WEIGHT * dice
+    return total / len(examples)
+
+
+def caption_state_from_rows(
+    model: XDecoderModel,
+    rows: list[torch.Tensor],
+    memory_src: list[torch.Tensor],
+    memory_pos: list[torch.Tensor],
+) -> CaptionState:
+    """`XDecoder.caption_state` from the query rows of a segmentation pass already run (keep_rows)."""
+    decoder = model.decoder
+    b = rows[0].shape[1]
+    qpos = decoder.query_embed.weight.unsqueeze(1).repeat(1, b, 1)
+    cross_kv, cross_pad, self_kv = [], [], []
+    for i in range(decoder.num_layers):
+        level = i % len(memory_src)
+        cross = decoder.transformer_cross_attention_layers[i].multihead_attn
+        src, pos = memory_src[level], memory_pos[level]
+        cross_kv.append((project(cross, src + pos, 1), project(cross, src, 2)))
+        cross_pad.append(None)
+        attn = decoder.transformer_self_attention_layers[i].self_attn
+        self_kv.append((project(attn, rows[i] + qpos, 1), project(attn, rows[i], 2)))
+    return CaptionState(cross_kv, cross_pad, self_kv)
+
+
+def caption_loss(
+    model: XDecoderModel,
+    state: CaptionState,
+    ids: torch.Tensor,
+    feats: torch.Tensor,
+    rng: np.random.Generator,
+) -> torch.Tensor:
+    """Next-token CE: caption row s predicts id s+1, up to and including the first end-of-text.
+
+    The softmax runs over the ids of the batch's captions plus `CAPTION_NEGATIVES` random ids of the
+    vocabulary (a sampled softmax: the full 49,408-way softmax costs a fifth of a step)."""
+    rows = model.decoder.caption_rows(state, feats)[:, :-1]  # (B, L-1, D)
+    targets = ids[:, 1:].clone()
+    eos = ids.argmax(dim=1)
+    targets[torch.arange(targets.shape[1])[None] >= eos[:, None]] = -100
+    vocab = model.text_encoder.lang_encoder.token_embedding.weight
+    sampled = torch.from_numpy(rng.integers(0, vocab.shape[0], CAPTION_NEGATIVES))
+    candidates = torch.cat((targets[targets >= 0], sampled)).unique()
+    position = torch.full((vocab.shape[0],), -100, dtype=torch.long)
+    position[candidates] = torch.arange(len(candidates))
+    targets = torch.where(targets >= 0, position[targets.clamp_min(0)], targets)
+    logits = rows @ vocab[candidates].T  # (B, L-1, K)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+def retrieval_loss(
+    decoder_emb: torch.Tensor, backbone_emb: torch.Tensor, captions: torch.Tensor, negatives: torch.Tensor
+) -> torch.Tensor:
+    """Symmetric contrastive loss on the retrieval score 0.5 cos(decoder) + 0.5 cos(backbone).
+
+    decoder_emb, backbone_emb (B, D); captions (B, D) EOS features of the true captions; negatives
+    (N, D) perturbed captions (image-to-text only)."""
+    texts = torch.cat((captions, negatives), dim=0)
+    texts = texts / (texts.norm(dim=-1, keepdim=True) + 1e-7)
+    dec = decoder_emb / (decoder_emb.norm(dim=-1, keepdim=True) + 1e-7)
+    bb = backbone_emb / (backbone_emb.norm(dim=-1, keepdim=True) + 1e-7)
+    scores = RETRIEVAL_SCALE * 0.5 * (dec @ texts.T + bb @ texts.T)  # (B, B + N)
+    target = torch.arange(dec.shape[0])
+    b = dec.shape[0]
+    return 0.5 * (F.cross_entropy(scores, target) + F.cross_entropy(scores[:, :b].T, target))
+
+
+def recipe_losses(
+    model: XDecoderModel, tokenizer: ClipTokenizer, examples: list[Example], rng: np.random.Generator
+) -> dict[str, torch.Tensor]:
+    """All four losses of one batch (see the module docstring)."""
+    images = torch.stack([ex.image for ex in examples])
+    features = model.encode_images(images)
+    memory = features.memory
+    q = model.cfg.decoder.num_queries
+    text = model.text_encoder
+
+    seg_heads: list[HeadOutput] = []
+    last, rows = model.decoder.forward_seg(memory, record=seg_heads, keep_rows=True)
+    names = sorted({n for ex in examples for n in ex.vocabulary} | {"background"})
+    emb = class_embeddings(model, tokenizer, names, rng)
+    index = {n: k for k, n in enumerate(names)}
+    vocab = [emb[[index[n] for n in [*ex.vocabulary, "background"]]] for ex in examples]
+    loss_seg = segmentation_loss(seg_heads, examples, vocab, text.logit_scale)
+
+    _, attention, token_feats, phrase_emb = text_features(
+        model, tokenizer, [ex.phrase.text for ex in examples]
+    )
+    tokens = [token_feats[i][attention[i].bool()] for i in range(len(examples))]
+    ground_heads: list[HeadOutput] = []
+    model.decoder.forward_grounding(memory, tokens, record=ground_heads)
+    loss_ground = grounding_loss(ground_heads, examples, phrase_emb, q)
+
+    ids, _, caption_feats, caption_emb = text_features(model, tokenizer, [ex.caption for ex in examples])
+    state = caption_state_from_rows(model, rows, memory.src, memory.pos)
+    loss_caption = caption_loss(model, state, ids, caption_feats, rng)
+
+    negatives = [n for ex in examples for n in ex.negatives]
+    _, _, _, negative_emb = text_features(model, tokenizer, negatives)
+    loss_retrieval = retrieval_loss(
+        last.embeds[:, q - 1], model.backbone_embedding(features), caption_emb, negative_emb
+    )
+
+    total = loss_seg + loss_ground + CAPTION_WEIGHT * loss_caption + RETRIEVAL_WEIGHT * loss_retrieval
+    return {
+        "loss": total,
+        "seg": loss_seg.detach(),
+        "ground": loss_ground.detach(),
+        "caption": loss_caption.detach(),
+        "retrieval": loss_retrieval.detach(),
+    }

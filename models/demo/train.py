@@ -1,0 +1,139 @@
+"""Train the embedded demo model from scratch on freshly rendered ShapesWorld images.
+
+    train(TrainSettings(minutes=55)) -> writes models/weights/demo.safetensors (fp16) every few minutes
+    and at the end.
+
+AdamW with a linear warm-up and a cosine decay driven by progress = max(step / max_steps,
+elapsed / time budget), so a run under a wall-clock budget still ends with a low learning rate.
+Every batch is new (no epochs); held-out combinations never appear (see `models.demo.data`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from models.checkpoint import REBUILDABLE_BUFFERS, load_checkpoint
+from models.configs import get_config
+from models.demo.data import make_batch
+from models.demo.losses import recipe_losses
+from models.demo.msda_grad import enable_msda_gradients
+from models.language.tokenizer import ClipTokenizer
+from models.predictor import DEMO_WEIGHTS
+from models.xdecoder import XDecoderModel
+
+
+@dataclass
+class TrainSettings:
+    minutes: float = 55.0  # wall-clock budget (the schedule ends when it is spent)
+    max_steps: int | None = None  # or a step budget (whichever ends first)
+    batch_size: int = 8
+    lr: float = 1.5e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    clip_norm: float = 1.0
+    seed: int = 0
+    threads: int = 1  # one thread: OpenMP threads spin badly on a busy machine
+    save_every_s: float = 180.0
+    out: Path | None = DEMO_WEIGHTS  # None: do not write weights
+    init: Path | None = None  # start from these weights instead of a fresh initialisation
+    log_every: int = 10
+
+
+def input_size(model: XDecoderModel) -> int:
+    """The square training size: the demo config's fixed segmentation input size."""
+    rule = model.cfg.resize["segmentation"]
+    if rule.fixed is None or rule.fixed[0] != rule.fixed[1]:
+        raise ValueError("demo training needs a fixed square input size in the config's resize rules")
+    return rule.fixed[0]
+
+
+def save_weights(model: XDecoderModel, path: Path) -> None:
+    """The state dict as fp16 safetensors (loaded back as fp32), written atomically."""
+    state = {
+        k: (v.half() if v.is_floating_point() else v).contiguous()
+        for k, v in model.state_dict().items()
+        if k not in REBUILDABLE_BUFFERS
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt", "config": model.cfg.name})
+    tmp.replace(path)
+
+
+def build_optimizer(model: XDecoderModel, settings: TrainSettings) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms, embeddings and other 0/1-d parameters."""
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if p.ndim < 2 or "embedding" in name or "embed." in name or name.endswith("level_embed"):
+            plain.append(p)
+        else:
+            decay.append(p)
+    groups = [
+        {"params": decay, "weight_decay": settings.weight_decay},
+        {"params": plain, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.999))
+
+
+def learning_rate(settings: TrainSettings, step: int, progress: float) -> float:
+    warm = min(1.0, (step + 1) / settings.warmup_steps)
+    return settings.lr * warm * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def train(settings: TrainSettings, log: Callable[[str], None] = print) -> list[dict[str, float]]:
+    """Run the recipe; returns the logged history (one dict per logged step)."""
+    torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    enable_msda_gradients()
+    model = XDecoderModel(get_config("demo"))
+    if settings.init is not None:
+        load_checkpoint(model, settings.init)
+    model.train()
+    size = input_size(model)
+    tokenizer = ClipTokenizer()
+    optimizer = build_optimizer(model, settings)
+    rng = np.random.default_rng(settings.seed)
+    budget = settings.minutes * 60.0
+    start = last_save = time.monotonic()
+    history: list[dict[str, float]] = []
+    step = 0
+    while True:
+        elapsed = time.monotonic() - start
+        progress = elapsed / budget
+        if settings.max_steps is not None:
+            progress = max(progress, step / settings.max_steps)
+        if progress >= 1.0:
+            break
+        lr = learning_rate(settings, step, progress)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        losses = recipe_losses(model, tokenizer, make_batch(rng, settings.batch_size, size), rng)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_norm)
+        optimizer.step()
+        step += 1
+        if step % settings.log_every == 0 or step == 1:
+            row = {k: float(v.detach()) for k, v in losses.items()} | {
+                "step": step,
+                "lr": lr,
+                "elapsed_s": elapsed,
+            }
+            history.append(row)
+            parts = " ".join(f"{k} {v:.3f}" for k, v in row.items() if k in losses)
+            log(f"step {step} t {elapsed:.0f}s lr {lr:.2e} {parts}")
+        if settings.out is not None and time.monotonic() - last_save > settings.save_every_s:
+            save_weights(model, settings.out)
+            last_save = time.monotonic()
+    if settings.out is not None:
+        save_weights(model, settings.out)
+        log(f"wrote {settings.out} after {step} steps, {time.monotonic() - start:.0f}s")
+    return history
