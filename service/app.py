@@ -6,6 +6,7 @@ request metrics. The serving logic lives in `service.gateway`.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -41,6 +42,7 @@ FieldsT = TypeVar("FieldsT", bound=BaseModel)
 TASK_ROUTES = ("segment", "refer", "caption", "retrieve", "embed")
 ALIASES = {f"/{name}": f"/v1/{name}" for name in TASK_ROUTES}
 KNOWN_PATHS = {*ALIASES.values(), "/v1/models", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"}
+OFFLOAD_BYTES = 512 * 1024  # larger JSON bodies are parsed and base64-decoded off the event loop
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": schemas.ErrorResponse, "description": description}
@@ -155,15 +157,20 @@ async def read_payload(
     """(fields, image bytes) from a JSON or multipart body; the image field is removed from `fields`."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json":
+        body = await request.body()
         try:
-            data = json.loads(await request.body())
+            data = (
+                json.loads(body) if len(body) < OFFLOAD_BYTES else await asyncio.to_thread(json.loads, body)
+            )
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, "invalid_json", f"The body is not valid JSON ({exc}).") from None
         if not isinstance(data, dict):
             raise ApiError(422, "validation_error", "The JSON body must be an object.")
         raw = data.pop(image_field, None)
         values = [] if raw is None else raw if isinstance(raw, list) else [raw]
-        return data, [decode_base64(value, image_field) for value in values]
+        if len(body) < OFFLOAD_BYTES:
+            return data, [decode_base64(value, image_field) for value in values]
+        return data, await asyncio.to_thread(lambda: [decode_base64(value, image_field) for value in values])
     if content_type == "multipart/form-data":
         try:
             form = await request.form(
