@@ -156,7 +156,8 @@ def evaluate_referring(
 
 
 def parse_caption(text: str) -> tuple[list[tuple[str | None, str, str]], list[str]]:
-    """Mentions (size?, colour, shape) and stuff names read from a caption of the ShapesWorld pattern."""
+    """Mentions (size?, colour, shape) and stuff names (full, or top then bottom) read from a caption of
+    the ShapesWorld pattern."""
     things_part, _, stuff_part = text.partition(" on ")
     mentions = []
     for chunk in re.split(r",| and ", things_part):
@@ -166,7 +167,8 @@ def parse_caption(text: str) -> tuple[list[tuple[str | None, str, str]], list[st
         shape = next((w for w in words if w in SHAPES), None)
         if colour and shape:
             mentions.append((size, colour, shape))
-    stuff = [w for w in re.split(r"\s+under\s+|\s+", stuff_part.strip()) if w in STUFF_COLOURS]
+    bottom, _, top = stuff_part.partition(" under ")  # "on <bottom> under <top>"
+    stuff = [w for w in (top.strip(), bottom.strip()) if w in STUFF_COLOURS]
     return mentions, stuff
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from models.checkpoint import REBUILDABLE_BUFFERS, load_checkpoint
 from models.configs import get_config
@@ -68,6 +69,13 @@ def save_weights(model: XDecoderModel, path: Path) -> None:
     tmp.replace(path)
 
 
+def init_projections(model: XDecoderModel) -> None:
+    """The joint-space projections start at zero in the module (they are always loaded); training
+    from scratch needs them random, or the normalised embeddings have no direction to learn from."""
+    for p in (model.backbone_proj, model.decoder.class_embed, model.decoder.caping_embed):
+        nn.init.normal_(p, std=p.shape[0] ** -0.5)
+
+
 def build_optimizer(model: XDecoderModel, settings: TrainSettings) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases, norms, embeddings and other 0/1-d parameters."""
     decay, plain = [], []
@@ -96,6 +104,8 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> list[d
     model = XDecoderModel(get_config("demo"))
     if settings.init is not None:
         load_checkpoint(model, settings.init)
+    else:
+        init_projections(model)
     model.train()
     size = input_size(model)
     tokenizer = ClipTokenizer()
