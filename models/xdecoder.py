@@ -115,7 +115,8 @@ class XDecoderModel(nn.Module):
         """Greedy captioning as the official decoder does it: ids (B, L) all start tokens; step s sets
         position s+1 to the argmax of the logits at position s. Returns the ids (B, L).
 
-        Caption rows are causal, so step s only runs positions 0..s, and the query rows are computed
+        Caption rows are causal, so step s runs the text encoder on positions 0..s and the decoder on
+        position s alone (earlier positions' keys and values are cached); the query rows are computed
         once. `early_stop` ends once every row holds an end-of-text token (the text is cut there).
         `record` (reference checks) receives per-step inputs and top-10 ids/logits and, at step 0, the
         full-length text features and caption rows before the first / after the last layer.
@@ -136,11 +137,13 @@ class XDecoderModel(nn.Module):
                 rows_record: list[torch.Tensor] = []
                 full = text.token_features(tokens)
                 record["step0_text_token_features"] = full
-                decoder.caption_rows(state, full, rows_record)
+                decoder.caption_rows(state, full, record=rows_record)
                 record["step0_first_layer_caption_features"] = rows_record[0]
                 record["step0_last_layer_caption_features"] = rows_record[-1]
-            rows = decoder.caption_rows(state, text.token_features(tokens[:, : s + 1]))
-            logits = rows[:, s] @ vocab.transpose(0, 1)
+            # Only position s is new: earlier positions are cached (text and rows are causal).
+            new_features = text.token_features(tokens[:, : s + 1])[:, s:]
+            rows = decoder.caption_rows(state, new_features, start=s, cache=True)
+            logits = rows[:, 0] @ vocab.transpose(0, 1)
             tokens[:, s + 1] = logits.argmax(dim=-1)
             if record is not None:
                 top = logits.topk(10, dim=-1)

@@ -149,11 +149,13 @@ class CaptionState:
     """What the greedy caption steps reuse, per decoder layer: the projected keys and values (K, B, D)
     of its memory level (`cross_kv`, with the padded-key mask `cross_pad` (B, K) or None) and of the
     query rows after cross-attention (`self_kv`); the query rows never see caption rows, so these are
-    the same at every step."""
+    the same at every step. `caption_kv` grows with the self-attention keys and values of the caption
+    positions decoded so far (they are causal, so earlier positions never change)."""
 
     cross_kv: list[tuple[torch.Tensor, torch.Tensor]]
     cross_pad: list[torch.Tensor | None]
     self_kv: list[tuple[torch.Tensor, torch.Tensor]]
+    caption_kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 def project(mha: nn.MultiheadAttention, x: torch.Tensor, part: int) -> torch.Tensor:
@@ -383,20 +385,27 @@ class XDecoder(nn.Module):
         return CaptionState(cross_kv, cross_pad, self_kv)
 
     def caption_rows(
-        self, state: CaptionState, token_features: torch.Tensor, record: list[torch.Tensor] | None = None
+        self,
+        state: CaptionState,
+        token_features: torch.Tensor,
+        start: int = 0,
+        cache: bool = False,
+        record: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Caption rows after the last layer, decoder-normed and projected by `caping_embed`.
 
-        token_features (B, L, D): text token features of the first L caption positions (causal, so
-        the first L rows do not depend on later positions). Content is E, position E + pos_embed_caping.
-        Returns (B, L, D). `record` receives the projected caption rows of the heads before the first
-        layer and after the last.
+        token_features (B, L, D): text token features of caption positions start..start+L-1. Content
+        is E, position E + pos_embed_caping. Rows are causal: with start > 0 the earlier positions
+        come from `state.caption_kv` (filled by previous calls with `cache=True`). Returns (B, L, D).
+        `record` receives the projected rows of the heads before the first layer and after the last.
         """
         b, length, _ = token_features.shape
+        if start != (state.caption_kv[0][0].shape[0] if state.caption_kv else 0) and start > 0:
+            raise ValueError(f"caption rows from position {start} need the cache of positions 0..{start - 1}")
         rows = token_features.transpose(0, 1)
-        pos = rows + self.pos_embed_caping.weight[:length, None, :]
+        pos = rows + self.pos_embed_caping.weight[start : start + length, None, :]
         q = self.num_queries
-        causal = self.self_attn_mask[:, q : q + length, : q + length]  # (1, L, Q+L)
+        causal = self.self_attn_mask[:, q + start : q + start + length, : q + start + length]
         if record is not None:
             record.append(self.decoder_norm(rows).transpose(0, 1) @ self.caping_embed)
         for i in range(self.num_layers):
@@ -409,8 +418,17 @@ class XDecoder(nn.Module):
             layer = self.transformer_self_attention_layers[i]
             mha = layer.self_attn
             x = rows + pos
-            k_all = torch.cat((state.self_kv[i][0], project(mha, x, 1)), dim=0)
-            v_all = torch.cat((state.self_kv[i][1], project(mha, rows, 2)), dim=0)
+            k_new, v_new = project(mha, x, 1), project(mha, rows, 2)
+            if start > 0:
+                k_new = torch.cat((state.caption_kv[i][0], k_new), dim=0)
+                v_new = torch.cat((state.caption_kv[i][1], v_new), dim=0)
+            if cache:
+                if i < len(state.caption_kv):
+                    state.caption_kv[i] = (k_new, v_new)
+                else:
+                    state.caption_kv.append((k_new, v_new))
+            k_all = torch.cat((state.self_kv[i][0], k_new), dim=0)
+            v_all = torch.cat((state.self_kv[i][1], v_new), dim=0)
             rows = layer.norm(rows + attend(mha, project(mha, x, 0), k_all, v_all, causal))
             rows = self.transformer_ffn_layers[i](rows)
         out = self.decoder_norm(rows).transpose(0, 1) @ self.caping_embed
