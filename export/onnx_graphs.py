@@ -151,7 +151,7 @@ def export_model(
     out.mkdir(parents=True, exist_ok=True)
     if dynamic:
         trace_sizes: list[tuple[tuple[int, int], tuple[int, int] | None]] = [
-            (max(default_sizes(model)), None)
+            (min(default_sizes(model)), None)
         ]
         declared: list[tuple[int, int]] = []
     else:
