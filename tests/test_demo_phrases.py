@@ -1,0 +1,82 @@
+"""Referring phrases, training examples and caption parsing of the ShapesWorld demo data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.demo.data import make_example
+from models.demo.evaluate import parse_caption
+from models.demo.phrases import FORMS, perturbed_caption, sample_phrase, scene_mentions
+from models.demo.shapesworld import HELD_OUT, Scene, render_scene
+
+
+@pytest.fixture(scope="module")
+def scenes() -> list[Scene]:
+    rng = np.random.default_rng(7)
+    return [render_scene(rng) for _ in range(40)]
+
+
+def centre(scene: Scene, i: int) -> tuple[float, float]:
+    return scene.things[i].centre
+
+
+def test_phrase_targets_follow_their_form(scenes: list[Scene]) -> None:
+    rng = np.random.default_rng(0)
+    seen = set()
+    for scene in scenes:
+        for form in FORMS:
+            phrase = sample_phrase(rng, scene, form=form)
+            seen.add(phrase.form)
+            things = scene.things
+            if phrase.form == "absent":
+                colour, shape = phrase.text.split()[1:]
+                assert phrase.targets == []
+                assert all((t.colour, t.shape) != (colour, shape) for t in things)
+            elif phrase.form == "all":
+                word = phrase.text.split()[1]
+                expected = [i for i, t in enumerate(things) if word in (t.colour, t.shape)]
+                assert phrase.targets == expected and expected
+            elif phrase.form == "extreme":
+                side = phrase.text.split()[-1]
+                (target,) = phrase.targets
+                words = phrase.text.removeprefix("the ").split(" on the ")[0].split()
+                same = [i for i, t in enumerate(things) if {t.shape, t.colour, t.size_word} >= set(words)]
+                assert target in same and len(same) >= 2
+                axis, sign = {"left": (0, 1), "right": (0, -1), "top": (1, 1), "bottom": (1, -1)}[side]
+                assert sign * centre(scene, target)[axis] == min(sign * centre(scene, i)[axis] for i in same)
+            elif phrase.form == "relation":
+                (target,) = phrase.targets
+                assert things[target].shape in phrase.text.split(" left of ")[0].split(" right of ")[0]
+            else:
+                assert len(phrase.targets) == 1
+                assert things[phrase.targets[0]].shape in phrase.text
+    assert {"single", "all", "absent"} <= seen
+
+
+def test_training_phrases_and_negatives_never_name_held_out(scenes: list[Scene]) -> None:
+    rng = np.random.default_rng(1)
+    held = [f"{c} {s}" for c, s in HELD_OUT]
+    for scene in scenes:
+        for _ in range(5):
+            text = sample_phrase(rng, scene).text
+            assert not any(h in text for h in held), text
+        negative = perturbed_caption(rng, scene)
+        assert negative != scene.caption
+        assert not any(h in negative for h in held), negative
+
+
+def test_example_targets_cover_the_image() -> None:
+    example = make_example(np.random.default_rng(3), 160)
+    assert example.image.shape == (3, 160, 160)
+    assert example.masks.shape[1:] == (160, 160)
+    # things and stuff partition the image: soft masks sum to one everywhere
+    np.testing.assert_allclose(example.masks.sum(0).numpy(), 1.0, atol=1e-5)
+    assert int(example.labels.max()) < len(example.vocabulary)
+    assert example.phrase_masks.shape[0] == len(example.phrase.targets)
+    assert "background" not in example.vocabulary
+
+
+def test_parse_caption_reads_back_the_truth(scenes: list[Scene]) -> None:
+    for scene in scenes:
+        assert parse_caption(scene.caption) == scene_mentions(scene)
