@@ -149,20 +149,28 @@ def test_caption_batched_and_early_stop(predictor: Predictor, images: list[np.nd
 
 @pytest.mark.slow
 def test_caption_early_stop_keeps_text(predictor: Predictor, images: list[np.ndarray]) -> None:
-    """Force an end-of-text after a few steps by making its logit large, then compare both paths."""
+    """Make the model emit end-of-text at a known step by swapping that step's greedy token with it in
+    the (tied) vocabulary, then compare the early-stopped and the full 50-step decoding."""
+    bos, eos = 49406, 49407
+    before = predictor.caption_tokens(images[:1], early_stop=False)[0]
+    step = next(s for s in range(1, 20) if int(before[s + 1]) not in before[: s + 1].tolist())
+    token = int(before[step + 1])
     vocab = predictor.model.text_encoder.lang_encoder.token_embedding.weight
-    saved = vocab[49407].clone()
+    saved = vocab.detach().clone()
     with torch.no_grad():
-        vocab[49407] = vocab[49407] * 50
+        vocab[[token, eos]] = saved[[eos, token]]
     try:
-        early = predictor.caption_tokens(images[:1], early_stop=True)
-        full = predictor.caption_tokens(images[:1], early_stop=False)
+        early = predictor.caption_tokens(images[:1], early_stop=True)[0]
+        full = predictor.caption_tokens(images[:1], early_stop=False)[0]
     finally:
         with torch.no_grad():
-            vocab[49407] = saved
-    assert (full == 49407).any()
+            vocab.copy_(saved)
+    assert torch.equal(full[: step + 1], before[: step + 1])
+    assert int(full[step + 1]) == eos and int(early[step + 1]) == eos
+    assert torch.all(early[step + 2 :] == bos)  # stopped right after end-of-text
+    assert not torch.all(full[step + 2 : 51] == bos)  # the full run went on
     decode = predictor.tokenizer.decode
-    assert decode(early[0]).split("<|endoftext|>")[0] == decode(full[0]).split("<|endoftext|>")[0]
+    assert decode(early).split("<|endoftext|>")[0] == decode(full).split("<|endoftext|>")[0]
 
 
 def test_retrieval(predictor: Predictor, images: list[np.ndarray]) -> None:
