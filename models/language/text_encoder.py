@@ -213,7 +213,7 @@ class LanguageEncoder(nn.Module):
         order = input_ids.argmax(dim=1).argsort(stable=True)
         per_prompt = self.lang_proj.new_empty(len(prompts), self.config.projection_dim)
         for chunk in order.split(self.config.prompt_chunk_size):
-            features = self.eos_features(input_ids[chunk])
+            features = self.eos_features(input_ids[chunk]).float()  # bf16/fp16 under autocast
             per_prompt[chunk] = features / (features.norm(dim=-1, keepdim=True) + 1e-7)
         mean = per_prompt.view(len(names), len(PROMPT_TEMPLATES), -1).mean(dim=1)
         return mean / mean.norm(dim=-1, keepdim=True)
