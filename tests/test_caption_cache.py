@@ -1,5 +1,6 @@
-"""Cached greedy captioning: one-position steps of the text encoder and of the caption rows equal the
-official full passes (models.decoders.caption_reference), and give the same greedy tokens."""
+"""Cached greedy captioning: one-position steps of the text encoder (`token_features_step`) and of the
+caption rows (`caption_rows` with `start`/`cache`) equal the official full passes
+(models.decoders.caption_reference), and give the same greedy tokens."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from models.decoders.caption_cache import caption_step, new_caption_cache
+from models.configs import ResizeRule
 from models.decoders.caption_reference import caption_logits_full_pass, greedy_caption_full_passes
 from models.language.text_encoder import LanguageEncoder, TextEncoderConfig
 from models.language.tokenizer import BOS_ID
 from models.predictor import Predictor
+from models.preprocess import batch_images
 
 
 @pytest.fixture(scope="module")
@@ -41,21 +43,22 @@ def test_text_steps_equal_prefix_features() -> None:
 
 
 def test_caption_steps_equal_full_pass_on_padded_batch(predictor: Predictor) -> None:
-    """Padded images (segmentation resize) exercise the blocked padding keys of the caption rows."""
+    """Padded images (aspect kept) exercise the blocked padding keys of the caption rows."""
     model = predictor.model
     tokens = torch.randint(0, 49408, (2, 10))
     tokens[:, 0] = BOS_ID
     with torch.inference_mode():
-        _, features = predictor._encode(noise_images(), "segmentation")
+        batch = batch_images(noise_images(), ResizeRule(short=128, max_size=256))
+        features = model.encode_images(batch.tensor, batch.padded_sizes)
         assert features.memory.regions is not None  # the second image is padded
         expected = caption_logits_full_pass(model, features.memory, tokens)
         state = model.decoder.caption_state(features.memory)
-        cache = new_caption_cache(model.decoder, state)
         text_cache = model.text_encoder.new_cache(2)
         vocab = model.text_encoder.lang_encoder.token_embedding.weight
         for p in range(tokens.shape[1]):
             features_p = model.text_encoder.token_features_step(tokens[:, p : p + 1], text_cache)
-            logits = caption_step(model.decoder, state, cache, features_p, p) @ vocab.transpose(0, 1)
+            rows = model.decoder.caption_rows(state, features_p, start=p, cache=True)
+            logits = rows[:, 0] @ vocab.transpose(0, 1)
             torch.testing.assert_close(logits, expected[:, p], rtol=1e-4, atol=1e-4)
 
 

@@ -3,8 +3,9 @@
 Every step re-encodes all 77 caption positions with the text encoder and runs all Q + 77 decoder
 rows (queries and caption rows together, prediction heads after every layer, the full
 `self_attn_mask`), then reads the logits at the step's position. The served path
-(`XDecoderModel.greedy_caption` with `models.decoders.caption_cache`) must give the same tokens; tests
-compare the two and `load_tests/bench_xdecoder.py` measures the speed-up. Nothing in serving calls this.
+(`XDecoderModel.greedy_caption`: one new position per step, key/value caches) must give the same
+tokens; tests compare the two and `load_tests/bench_xdecoder.py` measures the speed-up. Nothing in
+serving calls this.
 
     logits = caption_logits_full_pass(model, memory, tokens)    # (B, 77, vocab)
     tokens = greedy_caption_full_passes(model, memory, steps)   # (B, 77)
