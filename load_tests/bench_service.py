@@ -20,6 +20,7 @@ import asyncio
 import base64
 import http.client
 import json
+import os
 import sys
 import tempfile
 import time
@@ -97,13 +98,23 @@ async def closed_loop(url: str, path: str, body: dict, concurrency: int, seconds
     }
 
 
-def gateway_overhead(url: str, body: dict, requests: int) -> dict:
-    """Concurrency 1 from a minimal keep-alive client: end-to-end minus worker compute, per request."""
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (not its children), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def gateway_overhead(url: str, pid: int, body: dict, requests: int) -> dict:
+    """Concurrency 1 from a minimal keep-alive client: end-to-end minus worker compute, per request,
+    and the gateway process's CPU time per request (robust to a busy machine's scheduling delays)."""
     host, port = url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=120)
     payload = json.dumps(body).encode()
     overhead, server_side, queue = [], [], []
+    cpu_start = 0.0
     for index in range(requests + 5):
+        if index == 5:
+            cpu_start = process_cpu_seconds(pid)
         start = time.perf_counter()
         connection.request("POST", "/v1/segment", payload, {"Content-Type": "application/json"})
         response = json.loads(connection.getresponse().read())
@@ -114,9 +125,11 @@ def gateway_overhead(url: str, body: dict, requests: int) -> dict:
         overhead.append(elapsed - timings["worker"])
         server_side.append(timings["total"] - timings["worker"])
         queue.append(timings["queue"])
+    cpu_ms = (process_cpu_seconds(pid) - cpu_start) * 1e3 / requests
     connection.close()
     return {
         "requests": requests,
+        "gateway_cpu_ms_per_request": cpu_ms,
         "overhead_p50_ms": percentile(overhead, 50),
         "overhead_p99_ms": percentile(overhead, 99),
         "in_server_p50_ms": percentile(server_side, 50),
@@ -179,6 +192,7 @@ def main() -> int:
     }
     results: dict = {
         "settings": {**common, "image_size": args.size, "seconds": args.seconds},
+        "load_average_at_start": os.getloadavg(),  # the machine is shared: read ratios, not absolutes
         "throughput": {path: {} for path in workloads},
         "overhead_c1": {},
     }
@@ -196,7 +210,7 @@ def main() -> int:
                 ]
                 results["throughput"][path][name] = levels
             results["overhead_c1"][name] = gateway_overhead(
-                server.url, workloads["/v1/segment"], args.overhead_requests
+                server.url, server.process.pid, workloads["/v1/segment"], args.overhead_requests
             )
             if name == "batching":
                 results["cache"] = bench_cache(server.url, image, args.cache_runs)
@@ -218,6 +232,7 @@ def main() -> int:
         "warm_cache_at_least_5x": results["cache"]["speedup"] >= 5,
         "gateway_overhead_p50_under_5ms": results["overhead_c1"]["batch_size_1"]["overhead_p50_ms"] < 5,
     }
+    results["load_average_at_end"] = os.getloadavg()
     print_table(results)
     out_dir = REPO_ROOT / "load_tests" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -249,8 +264,11 @@ def print_table(results: dict) -> None:
         print(
             f"gateway overhead at concurrency 1 ({name}): p50 {overhead['overhead_p50_ms']:.2f} ms, "
             f"p99 {overhead['overhead_p99_ms']:.2f} ms (in server {overhead['in_server_p50_ms']:.2f} ms, "
-            f"of which queue {overhead['queue_p50_ms']:.2f} ms)"
+            f"of which queue {overhead['queue_p50_ms']:.2f} ms); gateway CPU "
+            f"{overhead['gateway_cpu_ms_per_request']:.2f} ms per request"
         )
+    start, end = results["load_average_at_start"][0], results["load_average_at_end"][0]
+    print(f"load average (1 min) at start {start:.1f}, at end {end:.1f}")
     print("targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in results["targets"].items()))
 
 
