@@ -58,9 +58,11 @@ def compare_graphs(
 ) -> list[Check]:
     """Every graph's outputs against torch at each size (seeded inputs made by the torch model)."""
     checks = []
-    for size in sizes:
+    for k, size in enumerate(sizes):
         inputs = example_inputs(model, size, seed=seed)
         for spec in graph_specs(model, dynamic_size=exported.manifest.dynamic):
+            if spec.name == "text_encoder" and k > 0:
+                continue  # no image input: checked once
             feeds = inputs[spec.name]
             with torch.no_grad():
                 expected = spec.module.eval()(*(feeds[name] for name in spec.inputs))
@@ -71,11 +73,13 @@ def compare_graphs(
                 ref = ref.numpy()
                 got = actual[name]
                 if got.shape != ref.shape:
-                    checks.append(Check(f"{spec.name}:{name}@{size}", float("inf"), 0.0, False))
+                    checks.append(
+                        Check(f"{spec.name}:{name}@{size} shape {got.shape}", float("inf"), 0.0, False)
+                    )
                     continue
                 err = float(np.abs(got.astype(np.float64) - ref).max()) if ref.size else 0.0
                 scale = float(np.abs(ref).max()) if ref.size else 0.0
-                tag = f"{spec.name}:{name}@{size[0]}x{size[1]}"
+                tag = f"{spec.name}:{name}" + ("" if graph_size is None else f"@{size[0]}x{size[1]}")
                 checks.append(Check(tag, err, scale, err <= ATOL + RTOL * scale))
     return checks
 
