@@ -2,10 +2,10 @@
 
 The batcher queues requests per size bucket (`service.images.size_bucket`: shape class wide / square /
 tall times size class s / m / l). Each task resizes by its rule (`XDecoderConfig.resize`) and pads to
-a multiple of 32, so a bucket maps to a range of padded input sizes. Sampling original sizes of every
-bucket (aspect ratios up to `MAX_ASPECT`) gives that range: min and max per axis, the median as the
-optimum. The size classes of one shape class share a profile (a shortest-edge rule resizes them
-alike), and so do shape classes with the same range (a fixed-size rule). Batch ranges come from
+a multiple of 32, so a bucket maps to a range of padded input sizes. Sampling aspect ratios of every
+shape class (up to `MAX_ASPECT`) gives that range: min and max per axis, the median as the optimum.
+The size classes of one shape class share a profile (a shortest-edge rule resizes them alike), and
+so do shape classes with the same range (a fixed-size rule). Batch ranges come from
 the batcher's `max_batch_size` (retrieval and image embedding pass every image of a batch at once:
 `max_batch_size * max_retrieve_items`).
 
@@ -18,11 +18,14 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
+import numpy as np
+
 from models.configs import ResizeRule, XDecoderConfig
 from models.preprocess import padded_size, resized_shape
 
 MAX_ASPECT = 4.0  # original images up to 4:1 (either way) are covered by the profiles
-SAMPLE_SIDES = range(32, 4097, 32)
+RATIO_SAMPLES = 4001
+SIZE_CLASSES = ("s", "m", "l")
 MAX_TOKENS = 77
 TEXT_BATCH = 256  # prompts per text-encoder call (`TextEncoderConfig.prompt_chunk_size`)
 MAX_VOCABULARY = 257  # the service's default max vocabulary, plus "background"
@@ -49,16 +52,24 @@ class ImageProfile:
     width: Range
 
 
-def bucket_shapes(rule: ResizeRule) -> dict[str, list[tuple[int, int]]]:
-    """Padded (H, W) of sampled original sizes, per batching bucket."""
+def shape_class_shapes(rule: ResizeRule) -> dict[str, list[tuple[int, int]]]:
+    """Padded (H, W) after `rule` of originals of every aspect ratio, per shape class of the batcher.
+
+    The resized shape depends only on the aspect ratio (both rules scale the short side, then cap
+    the long one), so ratios are sampled densely up to `MAX_ASPECT`, including the class
+    boundaries; each sample is classified by `size_bucket` itself.
+    """
     from service.images import size_bucket
 
+    base = 1_000_000  # the short side of the sampled originals: any ratio is representable
+    ratios = np.concatenate(
+        [np.geomspace(1 / MAX_ASPECT, MAX_ASPECT, RATIO_SAMPLES), [0.8 - 1e-6, 0.8, 1.25, 1.25 + 1e-6]]
+    )
     shapes: dict[str, list[tuple[int, int]]] = {}
-    for h in SAMPLE_SIDES:
-        for w in SAMPLE_SIDES:
-            if max(h, w) > MAX_ASPECT * min(h, w):
-                continue
-            shapes.setdefault(size_bucket(w, h), []).append(padded_size(*resized_shape(h, w, rule)))
+    for ratio in ratios:
+        h, w = (base, round(base * ratio)) if ratio >= 1 else (round(base / ratio), base)
+        shape_class = size_bucket(w, h).split("-")[0]
+        shapes.setdefault(shape_class, []).append(padded_size(*resized_shape(h, w, rule)))
     return shapes
 
 
@@ -77,17 +88,12 @@ def image_profiles(
             raise ValueError(f"unknown task {task!r} for a profile; use one of {', '.join(TASK_GRAPHS)}")
         batch_max = max_batch_size * (max_retrieve_items if task == "retrieval" else 1)
         batch = (1, batch_max, batch_max)
-        # Union over the size classes of a shape class (a shortest-edge rule maps them alike; the
-        # union also covers the sampling gaps), then one profile per distinct range.
-        by_shape: dict[str, tuple[list[str], list[tuple[int, int]]]] = {}
-        for bucket, shapes in sorted(bucket_shapes(cfg.resize[task]).items()):
-            names, members = by_shape.setdefault(bucket.split("-")[0], ([], []))
-            names.append(bucket)
-            members.extend(shapes)
+        # One profile per shape class (a shortest-edge rule resizes the size classes s / m / l of
+        # one shape alike), merged when two shape classes give the same range (a fixed-size rule).
         merged: dict[tuple[Range, Range], list[str]] = {}
-        for names, members in by_shape.values():
-            key = (_range([h for h, _ in members]), _range([w for _, w in members]))
-            merged.setdefault(key, []).extend(names)
+        for shape_class, shapes in shape_class_shapes(cfg.resize[task]).items():
+            key = (_range([h for h, _ in shapes]), _range([w for _, w in shapes]))
+            merged.setdefault(key, []).extend(f"{shape_class}-{size}" for size in SIZE_CLASSES)
         for (height, width), names in merged.items():
             profiles.append(ImageProfile(f"{task}:{','.join(names)}", task, batch, height, width))
     return profiles

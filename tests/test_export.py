@@ -15,9 +15,10 @@ import torch
 from export.manifest import MANIFEST, read_manifest
 from export.onnx_graphs import export_onnx_model
 from export.runtime import load_exported
+from export.tensorrt_build import plan_profiles, plugin_node_problems
 from models.checkpoint import file_sha256
 from models.configs import get_config
-from models.ops.onnx_export import PLUGIN_NAME
+from models.ops.onnx_export import PLUGIN_DOMAIN, PLUGIN_NAME
 from models.predictor import Predictor, build_model
 from service.cli import main
 
@@ -210,3 +211,29 @@ def test_padded_batch_runs_per_size_group_like_torch(demo_exports: dict[str, Pat
         own = (slice(None), slice(0, h // 4), slice(0, w // 4))
         assert torch.allclose(our_head.masks[i][own], head.masks[i][own], atol=1e-3)
     assert not our_head.masks[1, :, 24:].any()
+
+
+@pytest.mark.slow
+def test_tensorrt_plan_and_plugin_node_contract(demo_exports: dict[str, Path]) -> None:
+    """Without TensorRT: the engine plan of a real export (profiles per graph, feature axes derived
+    from the image axes) and the plugin node contract, which catches a node fed int64 indices."""
+    plan = plan_profiles(demo_exports["plugin"], max_batch_size=4)
+    assert set(plan) == {f"{g}.onnx" for g in GRAPHS}
+    for profile in plan["image_encoder.onnx"] + plan["segment_decoder.onnx"]:
+        shapes = profile["images"] if "images" in profile else profile["mask_features"]
+        for low, opt, high in zip(*shapes, strict=True):
+            assert low <= opt <= high
+    (caption,) = plan["caption_state.onnx"]
+    assert caption["mask_features"][2] == [4, 64, 40, 40] and caption["ms0"][2] == [4, 64, 5, 5]
+    only_segmentation = plan_profiles(demo_exports["plugin"], tasks=["segmentation"])
+    assert set(only_segmentation) == {"image_encoder.onnx", "segment_decoder.onnx", "text_encoder.onnx"}
+
+    graph = onnx.load(str(demo_exports["plugin"] / "image_encoder.onnx"))
+    assert plugin_node_problems(graph) == []
+    node = next(n for n in graph.graph.node if n.op_type == PLUGIN_NAME)
+    assert node.domain == PLUGIN_DOMAIN
+    cast = next(n for n in graph.graph.node if n.output[0] == node.input[1])
+    assert cast.op_type == "Cast"
+    node.input[1] = cast.input[0]  # feed the int64 spatial shapes directly
+    problems = plugin_node_problems(graph)
+    assert len(problems) == 1 and "spatial_shapes is INT64" in problems[0]
