@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from models.checkpoint import load_checkpoint, quick_hash
-from models.configs import get_config
+from models.configs import XDecoderConfig, get_config
 from models.decoders.xdecoder import class_logits
 from models.language.tokenizer import ClipTokenizer
 from models.postprocess import (
@@ -127,12 +127,18 @@ def build_model(name: str, checkpoint: str | Path | None) -> tuple[XDecoderModel
         load_checkpoint(model, checkpoint)
         return model.eval(), quick_hash(checkpoint)[:12]
     logger.warning("no weights for %r at %s: using an untrained, seeded initialisation", name, DEMO_WEIGHTS)
+    return seeded_model(cfg), f"untrained-seed{DEMO_SEED}"
+
+
+def seeded_model(cfg: XDecoderConfig, seed: int = DEMO_SEED) -> XDecoderModel:
+    """An untrained model with a deterministic initialisation (joint-space projections random, not
+    zero, so every output depends on the input)."""
     with torch.random.fork_rng():  # deterministic, without touching the caller's random state
-        torch.manual_seed(DEMO_SEED)
+        torch.manual_seed(seed)
         model = XDecoderModel(cfg)
         for p in (model.backbone_proj, model.decoder.class_embed, model.decoder.caping_embed):
             nn.init.normal_(p, std=p.shape[0] ** -0.5)
-    return model.eval(), f"untrained-seed{DEMO_SEED}"
+    return model.eval()
 
 
 class Predictor:
