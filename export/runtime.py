@@ -42,10 +42,22 @@ class GraphRunner(Protocol):
 class OrtRunner:
     """A graph in an ONNX Runtime session (the MSDA plugin node registered when present)."""
 
-    def __init__(self, path: Path, providers: list[str]) -> None:
-        from models.ops.ort_plugin import ort_session
+    def __init__(self, path: Path, providers: list[str], threads: int | None = None) -> None:
+        import onnx
+        import onnxruntime as ort
+        from onnxruntime_extensions import get_library_path
 
-        self.session = ort_session(path, providers)
+        from models.ops.ort_plugin import _move_plugin_nodes, _register_python_op, has_plugin_nodes
+
+        proto = onnx.load(str(path))
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        if has_plugin_nodes(proto):  # as `models.ops.ort_plugin.ort_session`, with our thread count
+            proto = _move_plugin_nodes(proto, _register_python_op())
+            options.register_custom_ops_library(get_library_path())
+        self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
 
@@ -272,11 +284,14 @@ class ExportedTextEncoder:
         return LanguageEncoder.encode_class_names(self, names, tokenizer)  # type: ignore[arg-type]
 
 
-def open_runner(runtime: str, directory: Path, device: str) -> Callable[[GraphEntry], GraphRunner]:
-    """The function that opens one manifest entry of `directory` with `runtime`."""
+def open_runner(
+    runtime: str, directory: Path, device: str, threads: int | None = None
+) -> Callable[[GraphEntry], GraphRunner]:
+    """The function that opens one manifest entry of `directory` with `runtime` (`threads`: ONNX
+    Runtime's intra-op threads; None: its default, one per core)."""
     if runtime == "onnxruntime":
         providers = ort_providers(device)
-        return lambda entry: OrtRunner(directory / entry.file, providers)
+        return lambda entry: OrtRunner(directory / entry.file, providers, threads)
     if runtime == "tensorrt":
         from export.tensorrt_runtime import TrtRunner
 
@@ -285,7 +300,11 @@ def open_runner(runtime: str, directory: Path, device: str) -> Callable[[GraphEn
 
 
 def load_exported(
-    directory: str | Path, runtime: str = "onnxruntime", device: str = "cpu", same_config: bool = True
+    directory: str | Path,
+    runtime: str = "onnxruntime",
+    device: str = "cpu",
+    same_config: bool = True,
+    threads: int | None = None,
 ) -> ExportedModel:
     """The exported model in `directory` (an `openset export onnx` or `export tensorrt` output).
 
@@ -300,4 +319,4 @@ def load_exported(
         raise ValueError(
             f"{directory} holds a {manifest.kind} export; runtime {runtime!r} needs a {expected} export"
         )
-    return ExportedModel(manifest, open_runner(runtime, directory, device), device)
+    return ExportedModel(manifest, open_runner(runtime, directory, device, threads), device)
