@@ -11,9 +11,10 @@ Three passes share the layers:
 - segmentation (`forward_seg`): Q queries;
 - grounding (`forward_grounding`): Q queries, copies of the Q-1 object queries, and the phrase tokens
   that join self-attention and FFN (spec 2.7);
-- captioning (`caption_logits` with `CaptionState`): caption rows that attend to every pixel and to
+- captioning (`caption_state`, then `caption_rows`): caption rows that attend to every pixel and to
   the queries, causally among themselves (spec 2.8). Queries never see caption rows, so their states
-  equal those of the segmentation pass; they are computed once and reused at every greedy step.
+  equal those of the segmentation pass; their keys and values are computed once, and those of the
+  caption positions already decoded are cached, so each greedy step runs one new row.
 
 Padded batches: `DecoderMemory` carries, per level, each image's own area; padded keys are blocked and
 attention masks are resized per image over its own area, so results match single-image runs.
