@@ -8,15 +8,16 @@ Rows (the network only: preprocessing and postprocessing are left out of the tim
 - `seg <precision> b<B>`: images/s of `encode_images` + the segmentation decoder pass on B 512x512
   images (official resize: 800x800 network input), and the share of the device's dense peak FLOP rate
   at 290 GFLOP per image (the FLOPs of this model and size; `--smoke` counts them instead);
-- `seg bf16+compile b<B>`: the same with the image encoder compiled for that bucket (`--compile-batch`);
+- `seg bf16+compile b<B>`: the same with the image encoder compiled for that bucket (section
+  `compile`, `--compile-batch`; compilation happens in the warm-up calls);
 - `parity <precision>`: segmentation of the reference image(s) against fp32: binary masks of all
   queries at the original size (union IoU over the queries, logit > 0) and the argmax labels;
   passes at IoU >= 0.99 with identical labels (not applied with `--smoke`, whose model is untrained);
 - `captions <precision> b<B>`: captions/s of 50-step greedy captioning at 224x224;
 - `encode_texts <precision>`: seconds for a 150-class vocabulary (81 prompts each).
 
-Each row is also written as `NAME<TAB>pass|fail<TAB>DETAIL` to `--rows` for the table of
-gpu_check.sh; `--json` gets every number.
+Each row is also appended, as soon as it is measured, as `NAME<TAB>pass|fail<TAB>DETAIL` to
+`--rows` for the table of gpu_check.sh; `--json` gets every number at the end.
 """
 
 from __future__ import annotations
@@ -99,20 +100,27 @@ class Bench:
         else:
             keys = reference_dir() / "xdecoder_focalt" / "keys.json"
             self.checkpoint = reference_checkpoint(keys, ROOT / ".cache" / "tests")
-        self.predictors: dict[tuple[str, bool], Predictor] = {}
+        self.predictors: dict[bool, Predictor] = {}
+        if args.rows is not None:
+            args.rows.parent.mkdir(parents=True, exist_ok=True)
+            args.rows.write_text("")
 
     def predictor(self, precision: str, compile: bool = False) -> Predictor:
-        key = (precision, compile)
-        if key not in self.predictors:
-            self.predictors[key] = make_predictor(
-                self.args.config, self.checkpoint, self.device, precision, compile
-            )
-        return self.predictors[key]
+        """One model for every precision (its float32 islands are no-ops without autocast; the
+        precision is chosen per call by `precision_context`), another one compiled."""
+        if compile not in self.predictors:
+            self.predictors[compile] = make_predictor(self.args.config, self.checkpoint, self.device, compile)
+        return self.predictors[compile]
 
     def record(self, name: str, ok: bool, detail: str, numbers: dict) -> None:
-        self.rows.append((name, "pass" if ok else "fail", detail))
+        """Print a row and append it to --rows at once (a run cut short keeps its rows)."""
+        status = "pass" if ok else "fail"
+        self.rows.append((name, status, detail))
         self.numbers[name] = numbers
-        print(f"{name:34s} {'pass' if ok else 'fail':8s} {detail}", flush=True)
+        print(f"{name:34s} {status:8s} {detail}", flush=True)
+        if self.args.rows is not None:
+            with self.args.rows.open("a") as f:
+                f.write(f"{name}\t{status}\t{detail}\n")
 
     # ------------------------------------------------------------------ sections
 
@@ -205,12 +213,10 @@ class Bench:
             self.gflop_per_image = GFLOP_PER_IMAGE
 
 
-def make_predictor(
-    config: str, checkpoint: Path | None, device: torch.device, precision: str, compile: bool = False
-) -> Predictor:
-    """A Predictor on `device` prepared for `precision` (the model-level options of models.precision)."""
+def make_predictor(config: str, checkpoint: Path | None, device: torch.device, compile: bool) -> Predictor:
+    """A Predictor on `device` whose model is prepared for the low precisions (models.precision)."""
     predictor = Predictor.from_config(config, checkpoint=checkpoint, device=str(device))
-    prepare_model(predictor.model, precision, compile=compile, device=str(device))
+    prepare_model(predictor.model, "bf16", compile=compile, device=str(device))
     return predictor
 
 
@@ -252,11 +258,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None, help="image side (default 512; 64 with --smoke)")
     parser.add_argument("--batches", default=None, help="segmentation batches (default 1,4,16; 1,2)")
     parser.add_argument("--precisions", default="fp32,tf32,bf16")
-    parser.add_argument("--compile-batch", type=int, default=None, help="bf16 + compile at this batch")
+    parser.add_argument("--compile-batch", type=int, default=None, help="compile section (default 16; 2)")
     parser.add_argument("--caption-batches", default=None, help="default 1,16 (1 with --smoke)")
     parser.add_argument("--classes", type=int, default=None, help="encode_texts vocabulary (150; 3)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per row (5; 1)")
+    parser.add_argument("--sections", default="seg,parity,captions,text", help="and/or compile")
     parser.add_argument("--rows", type=Path, default=None, help="tab-separated rows for gpu_check.sh")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -266,30 +273,33 @@ def main() -> None:
     args.batches = [int(b) for b in (args.batches or ("1,2" if small else "1,4,16")).split(",")]
     args.caption_batches = [int(b) for b in (args.caption_batches or ("1" if small else "1,16")).split(",")]
     args.classes = args.classes or (3 if small else 150)
+    args.compile_batch = args.compile_batch or (2 if small else 16)
     args.repeats = args.repeats or (1 if small else 5)
     if small:
-        args.warmup = min(args.warmup, 1)
+        args.warmup = 0
     precisions = args.precisions.split(",")
 
+    sections = args.sections.split(",")
     bench = Bench(args)
     bench.prepare_inputs()
-    for precision in precisions:
-        for batch in args.batches:
-            bench.segmentation(precision, batch)
-    if args.compile_batch:
+    if "seg" in sections:
+        for precision in precisions:
+            for batch in args.batches:
+                bench.segmentation(precision, batch)
+    if "compile" in sections:
         bench.segmentation("bf16", args.compile_batch, compile=True)
-    for precision in precisions:
-        if precision != "fp32":
-            bench.parity(precision)
-    for precision in ("fp32", "bf16"):
-        for batch in args.caption_batches:
-            bench.captions(precision, batch)
-    for precision in ("fp32", "bf16"):
-        bench.encode_texts(precision)
+    if "parity" in sections:
+        for precision in precisions:
+            if precision != "fp32":
+                bench.parity(precision)
+    if "captions" in sections:
+        for precision in ("fp32", "bf16"):
+            for batch in args.caption_batches:
+                bench.captions(precision, batch)
+    if "text" in sections:
+        for precision in ("fp32", "bf16"):
+            bench.encode_texts(precision)
 
-    if args.rows is not None:
-        args.rows.parent.mkdir(parents=True, exist_ok=True)
-        args.rows.write_text("".join(f"{n}\t{s}\t{d}\n" for n, s, d in bench.rows))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         info = {
