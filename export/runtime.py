@@ -320,3 +320,21 @@ def load_exported(
             f"{directory} holds a {manifest.kind} export; runtime {runtime!r} needs a {expected} export"
         )
     return ExportedModel(manifest, open_runner(runtime, directory, device, threads), device)
+
+
+def load_for_predictor(
+    name: str, checkpoint: str | Path | None, runtime: str, device: str
+) -> tuple[ExportedModel, str]:
+    """What `Predictor.from_config(name, checkpoint, device, runtime)` runs for the exported runtimes:
+    the model of the export directory `checkpoint` and its weights' identity. ONNX Runtime gets
+    torch's thread count (the worker sets it from OPENSET_TORCH_THREADS)."""
+    if checkpoint is None or not Path(checkpoint).is_dir():
+        command = "onnx" if runtime == "onnxruntime" else "tensorrt"
+        raise ValueError(
+            f"runtime {runtime!r} runs an export: set checkpoint (OPENSET_CHECKPOINT) to the directory "
+            f"written by `openset export {command}`, got {checkpoint!r}"
+        )
+    model = load_exported(checkpoint, runtime, device, threads=torch.get_num_threads())
+    if model.manifest.model != name:
+        raise ValueError(f"{checkpoint} holds an export of {model.manifest.model!r}, not of {name!r}")
+    return model, model.manifest.weights_id
