@@ -17,7 +17,8 @@ the cost). Rows:
   token) against the same embeddings computed over the full 77-token context; the largest
   difference is printed next to the reference tolerance.
 
-Prints a table and the ratios, writes JSON to load_tests/results/.
+Prints a table and the ratios, writes JSON to load_tests/results/ (named after the config, and the
+tasks when only some run).
 """
 
 from __future__ import annotations
@@ -212,7 +213,8 @@ def main() -> None:
     for name, ok in checks.items():
         print(f"{'PASS' if ok else 'FAIL'}  {name}")
 
-    out = ROOT / "load_tests" / "results" / f"bench_xdecoder_{args.config}.json"
+    subset = "" if set(tasks) >= {"segment", "caption", "text"} else "_" + "-".join(tasks)
+    out = ROOT / "load_tests" / "results" / f"bench_xdecoder_{args.config}{subset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "config": args.config,
