@@ -1,7 +1,7 @@
 """The `openset` console script: one subcommand per job (serve, export, bench, train-demo, eval-demo).
 
 Each subcommand lives next to the code it drives and registers itself through an
-`add_command(subparsers)` function listed in `COMMANDS` below.
+`add_command(subparsers)` function (adding one or more subcommands) listed in `COMMANDS` below.
 """
 
 from __future__ import annotations
