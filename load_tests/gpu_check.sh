@@ -74,6 +74,19 @@ else
   record "pytest -m gpu" skipped "no CUDA device"
 fi
 
+# --- runtimes: ONNX export, onnxruntime CUDA, TensorRT fp32/fp16 against torch CUDA -------------
+if [ "$HAS_CUDA" = 1 ]; then
+  "$PYTHON" load_tests/gpu_runtimes.py >"$RESULTS/gpu_runtimes.txt" 2>&1
+  status=$?
+  while IFS='|' read -r _ name result detail; do record "$name" "$result" "$detail"; done \
+    < <(grep '^ROW|' "$RESULTS/gpu_runtimes.txt")
+  if [ $status != 0 ] && ! grep -q '^ROW|.*|fail|' "$RESULTS/gpu_runtimes.txt"; then
+    record "runtimes (onnx, tensorrt)" fail "exit $status, see $RESULTS/gpu_runtimes.txt"
+  fi
+else
+  record "runtimes (onnx, tensorrt)" skipped "no CUDA device (CPU: load_tests/bench_runtimes.py)"
+fi
+
 echo
 printf '%-34s %-8s %s\n' CHECK RESULT DETAIL
 for row in "${ROWS[@]}"; do echo "$row"; done
