@@ -157,8 +157,13 @@ class Predictor:
     def from_config(
         cls, name: str, checkpoint: str | Path | None = None, device: str = "cpu", runtime: str = "torch"
     ) -> Predictor:
+        if runtime in ("onnxruntime", "tensorrt"):  # an export directory (export/runtime.py)
+            from export.runtime import load_for_predictor
+
+            exported, weights_id = load_for_predictor(name, checkpoint, runtime, device)
+            return cls(exported, name, weights_id, device, runtime)  # type: ignore[arg-type]
         if runtime != "torch":
-            raise ValueError(f"runtime {runtime!r} is not supported by models.predictor; use 'torch'")
+            raise ValueError(f"runtime {runtime!r} is unknown; use 'torch', 'onnxruntime' or 'tensorrt'")
         model, weights_id = build_model(name, checkpoint)
         return cls(model.to(device), name, weights_id, device, runtime)
 
