@@ -87,6 +87,30 @@ else
   record "runtimes (onnx, tensorrt)" skipped "no CUDA device (CPU: load_tests/bench_runtimes.py)"
 fi
 
+# --- X-Decoder: segmentation images/s per precision and batch, parity, captions/s, encode_texts ---
+# load_tests/gpu_bench_xdecoder.py appends one row per measurement as it goes; without CUDA the same
+# code runs as a smoke test on the demo model at small sizes (its numbers mean nothing there).
+xdecoder_bench() {  # xdecoder_bench TIMEOUT_S NAME ARGS...: run, then add its rows to the table
+  local limit=$1 name=$2 rows="$RESULTS/gpu_bench_xdecoder_$2.rows"
+  shift 2
+  timeout "$limit" "$PYTHON" load_tests/gpu_bench_xdecoder.py "$@" --rows "$rows" \
+    --json "$RESULTS/gpu_bench_xdecoder_$name.json" >"$RESULTS/gpu_bench_xdecoder_$name.txt" 2>&1
+  local status=$?
+  while IFS=$'\t' read -r row_name row_status row_detail; do
+    record "xdecoder $row_name" "$row_status" "$row_detail"
+  done < <(cat "$rows" 2>/dev/null)
+  if [ $status != 0 ]; then
+    record "xdecoder $name" fail "exit $status (124: over ${limit} s); see $RESULTS/gpu_bench_xdecoder_$name.txt"
+  fi
+}
+if [ "$HAS_CUDA" = 1 ]; then
+  xdecoder_bench 210 main --device cuda
+  xdecoder_bench 120 compile --device cuda --sections compile
+else
+  xdecoder_bench 600 main --device cpu --smoke
+  record "xdecoder seg bf16+compile" skipped "no CUDA device (CPU: --smoke --sections compile)"
+fi
+
 echo
 printf '%-34s %-8s %s\n' CHECK RESULT DETAIL
 for row in "${ROWS[@]}"; do echo "$row"; done
