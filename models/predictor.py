@@ -28,6 +28,7 @@ Conventions:
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,7 @@ from models.postprocess import (
     select_referring,
     semantic_inference,
 )
+from models.precision import check_precision, precision_context, prepare_model
 from models.preprocess import ImageBatch, batch_images
 from models.xdecoder import ImageFeatures, XDecoderModel
 
@@ -149,14 +151,23 @@ class Predictor:
         self.name = name
         self.device = torch.device(device)
         self.runtime = runtime
+        self.precision = "fp32"  # set by from_config; see models.precision
         self.tokenizer = ClipTokenizer()
         self.model_id = f"{name}@{weights_id}"
         self._background: torch.Tensor | None = None
 
     @classmethod
     def from_config(
-        cls, name: str, checkpoint: str | Path | None = None, device: str = "cpu", runtime: str = "torch"
+        cls,
+        name: str,
+        checkpoint: str | Path | None = None,
+        device: str = "cpu",
+        runtime: str = "torch",
+        precision: str = "fp32",
+        compile: bool = False,
     ) -> Predictor:
+        """`precision`: fp32 (the reference) | tf32 | bf16 | fp16; `compile`: torch.compile of the
+        image encoder, one graph per input size (CUDA graphs on a GPU). See models.precision."""
         if runtime in ("onnxruntime", "tensorrt"):  # an export directory (export/runtime.py)
             from export.runtime import load_for_predictor
 
@@ -164,8 +175,13 @@ class Predictor:
             return cls(exported, name, weights_id, device, runtime)  # type: ignore[arg-type]
         if runtime != "torch":
             raise ValueError(f"runtime {runtime!r} is unknown; use 'torch', 'onnxruntime' or 'tensorrt'")
+        check_precision(precision)
         model, weights_id = build_model(name, checkpoint)
-        return cls(model.to(device), name, weights_id, device, runtime)
+        model = model.to(device)
+        prepare_model(model, precision, compile=compile, device=device)
+        predictor = cls(model, name, weights_id, device, runtime)
+        predictor.precision = precision
+        return predictor
 
     @property
     def info(self) -> dict:
@@ -181,6 +197,7 @@ class Predictor:
             "tasks": list(TASKS),
             "runtime": self.runtime,
             "device": str(self.device),
+            "precision": self.precision,
             "input_sizes": sizes,
             "num_queries": cfg.decoder.num_queries,
             "embedding_dim": cfg.text.projection_dim,
@@ -191,7 +208,8 @@ class Predictor:
     @torch.inference_mode()
     def encode_texts(self, names: list[str]) -> torch.Tensor:
         """Class names -> (N, D): 81-template averaged, unit-norm class embeddings."""
-        return self.model.text_encoder.encode_class_names(list(names), self.tokenizer)
+        with self._autocast():
+            return self.model.text_encoder.encode_class_names(list(names), self.tokenizer)
 
     def _background_embedding(self) -> torch.Tensor:
         if self._background is None:
@@ -202,22 +220,34 @@ class Predictor:
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
         """Retrieval text embeddings (N, D): EOS feature @ lang_proj, divided by its norm."""
         ids, _ = self.tokenizer.encode(list(texts), context_length=self.model.cfg.text.context_length)
-        emb = self.model.text_encoder.eos_features(ids.to(self.device))
+        with self._autocast():
+            emb = self.model.text_encoder.eos_features(ids.to(self.device)).float()
         return emb / emb.norm(dim=-1, keepdim=True)
 
     # ------------------------------------------------------------------ images
 
     def _encode(self, images: list[np.ndarray], task: str) -> tuple[ImageBatch, ImageFeatures]:
         batch = batch_images(images, self.model.cfg.resize[task])
-        features = self.model.encode_images(batch.tensor.to(self.device), batch.padded_sizes)
+        tensor = batch.tensor
+        if self.device.type == "cuda":  # from pinned host memory: an asynchronous copy
+            tensor = tensor.pin_memory()
+        with self._autocast():
+            features = self.model.encode_images(tensor.to(self.device, non_blocking=True), batch.padded_sizes)
         return batch, features
+
+    def _autocast(self) -> AbstractContextManager:
+        """Autocast (bf16, fp16) or the TF32 switches (tf32) around model calls; nothing for fp32.
+        Outputs that leave the model are cast to float32 before postprocessing."""
+        return precision_context(self.precision, self.device)
 
     @staticmethod
     def _mask_logits(masks: torch.Tensor, batch: ImageBatch, i: int) -> torch.Tensor:
         """Image i's mask logits (R, H/4, W/4) in the padded batch -> (R, H0, W0) at its original size
         (upsampled from its own padded area, cropped, resized; bicubic + antialias)."""
         ph, pw = batch.padded_sizes[i]
-        own = masks[:, : ph // 4, : pw // 4]
+        if masks.shape[0] == 0:
+            return masks.new_zeros(0, *batch.original_sizes[i], dtype=torch.float32)
+        own = masks[:, : ph // 4, : pw // 4].float()
         return resize_mask_logits(own, (ph, pw), batch.image_sizes[i], batch.original_sizes[i])
 
     @torch.inference_mode()
@@ -242,16 +272,18 @@ class Predictor:
             if thing_flags is not None and len(thing_flags[i]) != text.shape[0]:
                 raise ValueError(f"thing_flags[{i}] needs {text.shape[0]} flags, got {len(thing_flags[i])}")
         batch, features = self._encode(images, "segmentation")
-        head, _ = self.model.decoder.forward_seg(features.memory)
+        with self._autocast():
+            head, _ = self.model.decoder.forward_seg(features.memory)
         background = self._background_embedding()
         scale = self.model.text_encoder.logit_scale
         results = []
         for i, text in enumerate(class_embeddings):
             text = torch.cat((text.to(self.device, torch.float32), background), dim=0)
-            logits = class_logits(head.embeds[i], text, scale)
-            masks = self._mask_logits(head.masks[i], batch, i)
+            logits = class_logits(head.embeds[i].float(), text, scale)
+            rows = mask_rows(task, logits, threshold)  # upsample only the masks the task reads
+            masks = self._mask_logits(head.masks[i, rows], batch, i)
             flags = thing_flags[i] if thing_flags is not None else [True] * (text.shape[0] - 1)
-            segments = segments_from_outputs(task, logits, masks, flags, threshold)
+            segments = segments_from_outputs(task, logits[rows], masks, flags, threshold)
             results.append(SegmentationResult(task, batch.original_sizes[i], segments))
         return results
 
@@ -273,17 +305,20 @@ class Predictor:
         )
         ids, attention = ids.to(self.device), attention.to(self.device)
         encoder = self.model.text_encoder
-        token_feats = encoder.token_features(ids)
-        class_emb = encoder.eos_features(ids)
-        tokens = [token_feats[i][attention[i].bool()] for i in range(len(phrases))]
-        head = self.model.decoder.forward_grounding(features.memory, tokens)
+        with self._autocast():
+            token_feats = encoder.token_features(ids)
+            class_emb = encoder.eos_features(ids).float()
+            tokens = [token_feats[i][attention[i].bool()] for i in range(len(phrases))]
+            head = self.model.decoder.forward_grounding(features.memory, tokens)
         q = self.model.cfg.decoder.num_queries
         temperature = encoder.logit_scale.exp().clamp(max=100)
         if threshold is None:
             threshold = REFER_THRESHOLD
         results = []
         for i, phrase in enumerate(phrases):
-            cosine = grounding_scores(head.embeds[i, q:], class_emb[i], encoder.logit_scale) / temperature
+            cosine = (
+                grounding_scores(head.embeds[i, q:].float(), class_emb[i], encoder.logit_scale) / temperature
+            )
             chosen = select_referring(cosine, multi, threshold)
             matches = []
             if chosen:
@@ -299,7 +334,8 @@ class Predictor:
         s+1 set at step s). With `early_stop`, stops once every row holds an end-of-text token, which
         leaves the decoded text unchanged."""
         _, features = self._encode(images, "captioning")
-        return self.model.greedy_caption(features, steps, early_stop)
+        with self._autocast():
+            return self.model.greedy_caption(features, steps, early_stop)
 
     def caption(self, images: list[np.ndarray]) -> list[str]:
         """One caption per image (greedy, text before the first end-of-text and the first '.')."""
@@ -311,8 +347,9 @@ class Predictor:
         """The two retrieval image embeddings, unnormalised, each (B, D): the pooled class query of
         the segmentation pass (`pred_captions[:, Q-1]`) and res5 pooled @ backbone_proj."""
         _, features = self._encode(images, "retrieval")
-        head, _ = self.model.decoder.forward_seg(features.memory)
-        return head.embeds[:, -1], self.model.backbone_embedding(features)
+        with self._autocast():
+            head, _ = self.model.decoder.forward_seg(features.memory)
+            return head.embeds[:, -1].float(), self.model.backbone_embedding(features).float()
 
     def embed_images(self, images: list[np.ndarray]) -> torch.Tensor:
         """(B, D): 0.5 * (decoder / |decoder| + backbone / |backbone|), so that its dot product with
@@ -327,8 +364,21 @@ class Predictor:
         decoder, backbone = self.image_embeddings(images)
         with torch.inference_mode():
             ids, _ = self.tokenizer.encode(list(texts), context_length=self.model.cfg.text.context_length)
-            text = self.model.text_encoder.eos_features(ids.to(self.device))
+            with self._autocast():
+                text = self.model.text_encoder.eos_features(ids.to(self.device)).float()
             return retrieval_scores(decoder, backbone, text)
+
+
+def mask_rows(task: str, logits: torch.Tensor, threshold: float | None) -> torch.Tensor | slice:
+    """The queries whose masks `task` reads, from the class logits (Q, C+1): panoptic reads only the
+    queries it keeps (best class not background, probability above the threshold: their indices),
+    the other tasks read all (a full slice). Each mask is resized on its own, so resizing only these
+    gives the same segments."""
+    if task != "panoptic":
+        return slice(None)
+    object_threshold = OBJECT_MASK_THRESHOLD if threshold is None else threshold
+    scores, labels = logits.softmax(dim=-1).max(dim=-1)
+    return torch.nonzero((labels != logits.shape[-1] - 1) & (scores > object_threshold)).flatten()
 
 
 def segments_from_outputs(

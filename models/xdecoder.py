@@ -115,9 +115,10 @@ class XDecoderModel(nn.Module):
         """Greedy captioning as the official decoder does it: ids (B, L) all start tokens; step s sets
         position s+1 to the argmax of the logits at position s. Returns the ids (B, L).
 
-        Caption rows are causal, so step s runs the text encoder on positions 0..s and the decoder on
-        position s alone (earlier positions' keys and values are cached); the query rows are computed
-        once. `early_stop` ends once every row holds an end-of-text token (the text is cut there).
+        Caption rows and the text encoder are causal, so step s runs both on position s alone
+        (earlier positions' keys and values are cached per layer, in `state.caption_kv` and a
+        `TextKVCache`); the query rows are computed once. `early_stop` ends once every row holds an
+        end-of-text token (the text is cut there).
         `record` (reference checks) receives per-step inputs and top-10 ids/logits and, at step 0, the
         full-length text features and caption rows before the first / after the last layer.
         """
@@ -128,6 +129,7 @@ class XDecoderModel(nn.Module):
             (batch, length), BOS_ID, dtype=torch.long, device=features.memory.mask_features.device
         )
         state = decoder.caption_state(features.memory)
+        text_cache = text.new_cache(batch)
         vocab = text.lang_encoder.token_embedding.weight
         steps = min(steps, length - 1)
         for s in range(steps):
@@ -141,7 +143,7 @@ class XDecoderModel(nn.Module):
                 record["step0_first_layer_caption_features"] = rows_record[0]
                 record["step0_last_layer_caption_features"] = rows_record[-1]
             # Only position s is new: earlier positions are cached (text and rows are causal).
-            new_features = text.token_features(tokens[:, : s + 1])[:, s:]
+            new_features = text.token_features_step(tokens[:, s : s + 1], text_cache)
             rows = decoder.caption_rows(state, new_features, start=s, cache=True)
             logits = rows[:, 0] @ vocab.transpose(0, 1)
             tokens[:, s + 1] = logits.argmax(dim=-1)

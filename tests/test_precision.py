@@ -1,7 +1,9 @@
-"""Precision options: float32 islands under autocast, the TF32 switches, bf16 class embeddings."""
+"""Precision options: float32 islands under autocast, the TF32 switches, bf16 class embeddings, every
+Predictor task in bf16."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -9,6 +11,7 @@ from torch import nn
 from models.language.text_encoder import LanguageEncoder, TextEncoderConfig
 from models.language.tokenizer import ClipTokenizer
 from models.precision import precision_context, prepare_model, run_in_float32
+from models.predictor import Predictor
 
 
 def test_unknown_precision_is_an_error() -> None:
@@ -61,3 +64,30 @@ def test_bf16_class_embeddings_stay_close_to_fp32() -> None:
     assert low.dtype == torch.float32
     assert not torch.equal(low, reference)  # really ran in bf16
     assert torch.nn.functional.cosine_similarity(low, reference).min() > 0.99
+
+
+@pytest.mark.slow
+def test_predictor_bf16_runs_every_task() -> None:
+    fp32 = Predictor.from_config("demo")
+    bf16 = Predictor.from_config("demo", precision="bf16")
+    assert bf16.info["precision"] == "bf16" and fp32.info["precision"] == "fp32"
+    rng = np.random.default_rng(0)
+    images = [
+        rng.integers(0, 256, (100, 120, 3), dtype=np.uint8),
+        rng.integers(0, 256, (80, 60, 3), np.uint8),
+    ]
+    vocab = bf16.encode_texts(["cat", "sky"])
+    assert vocab.dtype == torch.float32
+    for result, image in zip(bf16.segment(images, [vocab, vocab], "semantic"), images, strict=True):
+        covered = np.zeros(image.shape[:2], dtype=bool)
+        for segment in result.segments:
+            assert segment.mask.shape == image.shape[:2]
+            covered |= segment.mask
+        assert covered.all()
+    assert all(len(r.matches) == 1 for r in bf16.refer(images, ["a cat", "the sky"]))
+    assert isinstance(bf16.caption(images[:1])[0], str)
+    low, reference = bf16.embed_images(images), fp32.embed_images(images)
+    assert low.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(low, reference).min() > 0.95
+    with pytest.raises(ValueError, match="unknown precision"):
+        Predictor.from_config("demo", precision="int8")

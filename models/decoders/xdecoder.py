@@ -45,8 +45,9 @@ def build_self_attn_mask(num_queries: int, context_length: int) -> torch.Tensor:
 
 
 def resize_bicubic_aa(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bicubic, antialiased, align_corners=False resize of (B, C, H, W): every mask resize of X-Decoder."""
-    return F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+    """Bicubic, antialiased, align_corners=False resize of (B, C, H, W): every mask resize of X-Decoder.
+    Computed in float32 (bf16/fp16 masks under autocast are cast up: thresholds stay stable)."""
+    return F.interpolate(x.float(), size=size, mode="bicubic", align_corners=False, antialias=True)
 
 
 class MLP(nn.Module):
