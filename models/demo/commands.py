@@ -52,7 +52,7 @@ def add_command(subparsers: Any) -> None:
     evaluate.add_argument("--galleries", type=int, default=2, help="retrieval galleries of 100 images")
     evaluate.add_argument("--seed", type=int, default=2026)
     evaluate.add_argument(
-        "--json", type=Path, default=Path("demo_scores.json"), help="where to write the scores"
+        "--json", type=Path, default=SCORES, help=f"where to write the scores (default {SCORES})"
     )
     evaluate.set_defaults(func=run_eval)
 
