@@ -4,8 +4,9 @@
 
 - segmentation: semantic mIoU (per class, accumulated over the images) on seen classes and on the
   held-out combinations, and panoptic quality; vocabulary = the classes present plus 3 absent ones;
-- referring: mean IoU over single-target phrases (best match), IoU of the union for phrases with
-  several targets (every match above the threshold), share of empty answers for absent targets;
+- referring: mean IoU over single-target phrases (`the <desc>`, `... on the <side>`, `... left of
+  ...`; the best match), IoU of the union for `all ...` / `every ...` phrases (every match above
+  the threshold), share of empty answers for phrases naming an absent combination;
 - captioning: F1 of the (size?, colour, shape) and stuff mentions against the true caption;
 - retrieval: text-to-image recall@1 and @5 over galleries of 100 images and their true captions.
 
@@ -26,6 +27,7 @@ from models.predictor import Predictor
 
 HELD_OUT_NAMES = frozenset(f"{c} {s}" for c, s in HELD_OUT)
 SIZE_WORDS = ("small", "large")
+SINGLE_FORMS = ("single", "extreme", "relation")
 
 
 @dataclass
@@ -128,13 +130,16 @@ def evaluate_referring(
     single, multi, empty = [], [], []
     for group in chunks(scenes, batch_size):
         images = [s.image for s in group]
-        for form in ("single", "all", "absent"):
-            phrases = [sample_phrase(rng, s, allow_held_out=True, form=form) for s in group]
-            texts = [p.text for p in phrases]
-            if form == "single":
-                results = predictor.refer(images, texts, multi=False)
+        for kind in ("single", "all", "absent"):
+            if kind == "single":  # one target: "the <desc>", "... on the <side>", "... left of ..."
+                forms = [SINGLE_FORMS[rng.integers(len(SINGLE_FORMS))] for _ in group]
             else:
-                results = predictor.refer(images, texts, multi=True)
+                forms = [kind] * len(group)
+            phrases = [
+                sample_phrase(rng, s, allow_held_out=True, form=f) for s, f in zip(group, forms, strict=True)
+            ]
+            texts = [p.text for p in phrases]
+            results = predictor.refer(images, texts, multi=kind != "single")
             for scene, phrase, result in zip(group, phrases, results, strict=True):
                 truth = np.zeros(scene.image.shape[:2], dtype=bool)
                 for i in phrase.targets:
@@ -142,10 +147,11 @@ def evaluate_referring(
                 answer = np.zeros_like(truth)
                 for match in result.matches:
                     answer |= match.mask
-                if not phrase.targets:
+                if kind == "single":
+                    if len(phrase.targets) == 1:  # (a scene where no single-target phrase fits is skipped)
+                        single.append(iou(answer, truth))
+                elif not phrase.targets:
                     empty.append(float(not result.matches))
-                elif len(phrase.targets) == 1 and form == "single":
-                    single.append(iou(answer, truth))
                 else:
                     multi.append(iou(answer, truth))
     return {
