@@ -125,6 +125,7 @@ class WorkerPool:
             "checkpoint": settings.checkpoint,
             "device": device,
             "runtime": settings.runtime,
+            "precision": settings.precision,
             "max_image_pixels": settings.max_image_pixels,
             "torch_threads": threads,
         }

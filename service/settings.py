@@ -16,6 +16,9 @@ class Settings(BaseSettings):
     model: str = Field("demo", description="Named model config to load (models.configs).")
     checkpoint: str | None = Field(None, description="Checkpoint file; unset loads the config's own weights.")
     runtime: Literal["torch", "onnxruntime", "tensorrt"] = Field("torch", description="Inference runtime.")
+    precision: Literal["fp32", "tf32", "bf16", "fp16"] = Field(
+        "fp32", description="Torch compute precision: fp32 (the reference), tf32, bf16 or fp16 (GPUs)."
+    )
     device: str = Field("cpu", description="'cpu', 'cuda' (one worker per GPU) or 'cuda:N'.")
     workers: int = Field(1, ge=1, le=64, description="Worker processes on CPU (ignored on cuda).")
     max_batch_size: int = Field(

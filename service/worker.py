@@ -87,6 +87,7 @@ class BatchRunner:
             checkpoint=config.get("checkpoint"),
             device=config["device"],
             runtime=config["runtime"],
+            precision=config.get("precision", "fp32"),
         )
         self.handlers: dict[str, Callable[[dict, list[dict]], list[dict]]] = {
             "encode_text": self.encode_text,

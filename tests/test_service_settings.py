@@ -53,5 +53,7 @@ def test_every_setting_is_a_flag_and_flags_override_the_environment(monkeypatch)
 def test_invalid_values_are_refused():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--runtime", "tflite"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--precision", "fp8"])
     with pytest.raises(ValueError):
         Settings(max_batch_size=0)
