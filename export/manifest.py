@@ -23,10 +23,10 @@ from models.configs import (
     FocalNetConfig,
     PixelDecoderConfig,
     ResizeRule,
-    TextConfig,
     XDecoderConfig,
     get_config,
 )
+from models.language.text_encoder import TextEncoderConfig
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -93,7 +93,7 @@ def config_from_dict(data: dict[str, Any]) -> XDecoderConfig:
         backbone=FocalNetConfig(**backbone),
         pixel_decoder=PixelDecoderConfig(**data["pixel_decoder"]),
         decoder=DecoderConfig(**data["decoder"]),
-        text=TextConfig(**data["text"]),
+        text=TextEncoderConfig(**data["text"]),
         resize=rules,
         reference_keys=data["reference_keys"],
         released=data["released"],

@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
+from models.language.text_encoder import TextEncoderConfig
+
 
 @dataclass
 class FocalNetConfig:
@@ -58,18 +60,6 @@ class DecoderConfig:
     num_feature_levels: int = 3
 
 
-@dataclass
-class TextConfig:
-    """The CLIP-style text encoder (the fields `models.language.text_encoder.TextEncoderConfig` needs)."""
-
-    vocab_size: int = 49408
-    context_length: int = 77
-    width: int = 512
-    layers: int = 12
-    heads: int = 8
-    projection_dim: int = 512
-
-
 @dataclass(frozen=True)
 class ResizeRule:
     """`short`/`max_size`: detectron2 ResizeShortestEdge; `fixed`: exact (h, w), aspect not kept."""
@@ -97,7 +87,7 @@ class XDecoderConfig:
     backbone: FocalNetConfig = field(default_factory=FocalNetConfig)
     pixel_decoder: PixelDecoderConfig = field(default_factory=PixelDecoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    text: TextConfig = field(default_factory=TextConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     resize: dict[str, ResizeRule] = field(default_factory=official_resize)
     # Set for released configs: where the keys manifest of the official model lives in the reference data.
     reference_keys: str | None = None
@@ -134,7 +124,7 @@ _CONFIGS: dict[str, XDecoderConfig] = {
             num_points=4,
         ),
         decoder=DecoderConfig(hidden_dim=64, num_heads=4, dim_feedforward=128, num_layers=3, num_queries=17),
-        text=TextConfig(width=64, layers=2, heads=4, projection_dim=64),
+        text=TextEncoderConfig(width=64, layers=2, heads=4, projection_dim=64),
         resize={task: ResizeRule(fixed=(160, 160)) for task in official_resize()},
         released=False,
     ),

@@ -20,7 +20,7 @@ from torch import nn
 from models.backbones.focalnet import FocalNet
 from models.configs import XDecoderConfig
 from models.decoders.xdecoder import DecoderMemory, XDecoder
-from models.language.text_encoder import LanguageEncoder, TextEncoderConfig
+from models.language.text_encoder import LanguageEncoder
 from models.language.tokenizer import BOS_ID, EOS_ID
 from models.pixel_decoders.fpn_encoder import TransformerEncoderPixelDecoder
 from models.pixel_decoders.ms_deform import MSDeformAttnPixelDecoder
@@ -36,15 +36,7 @@ class SemSegHead(nn.Module):
         else:
             raise ValueError(f"unknown pixel decoder {cfg.pixel_decoder.name!r}")
         self.predictor = XDecoder(cfg.decoder, cfg.text.projection_dim)
-        text = TextEncoderConfig(
-            width=cfg.text.width,
-            layers=cfg.text.layers,
-            heads=cfg.text.heads,
-            context_length=cfg.text.context_length,
-            vocab_size=cfg.text.vocab_size,
-            projection_dim=cfg.text.projection_dim,
-        )
-        self.predictor.lang_encoder = LanguageEncoder(text)
+        self.predictor.lang_encoder = LanguageEncoder(cfg.text)
 
 
 @dataclass

@@ -28,6 +28,8 @@ from models.language.tokenizer import ClipTokenizer
 
 @dataclass
 class TextEncoderConfig:
+    """The CLIP-style text encoder; the `text` part of every named model config (models.configs)."""
+
     width: int = 512
     layers: int = 12
     heads: int = 8
