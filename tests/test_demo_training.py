@@ -70,7 +70,11 @@ def test_a_few_steps_lower_the_loss() -> None:
 @pytest.mark.slow
 def test_train_writes_loadable_fp16_weights(tmp_path: Path) -> None:
     out = tmp_path / "demo.safetensors"
-    history = train(TrainSettings(max_steps=2, batch_size=1, out=out, log_every=1), log=lambda _: None)
+    torch.set_num_threads(2)
+    history = train(
+        TrainSettings(max_steps=2, batch_size=1, out=out, log_every=1, threads=1), log=lambda _: None
+    )
+    assert torch.get_num_threads() == 2, "train() must give the caller its thread count back"
     assert [row["step"] for row in history] == [1, 2]
     assert all(np.isfinite(row["loss"]) for row in history)
     assert out.stat().st_size < 20 * 2**20

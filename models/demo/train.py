@@ -97,8 +97,20 @@ def learning_rate(settings: TrainSettings, step: int, progress: float) -> float:
 
 
 def train(settings: TrainSettings, log: Callable[[str], None] = print) -> list[dict[str, float]]:
-    """Run the recipe; returns the logged history (one dict per logged step)."""
+    """Run the recipe; returns the logged history (one dict per logged step).
+
+    Uses `settings.threads` torch threads and restores the caller's thread count afterwards.
+    """
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
+    try:
+        return run_recipe(settings, log)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def run_recipe(settings: TrainSettings, log: Callable[[str], None]) -> list[dict[str, float]]:
+    """The training loop of `train`, in the current thread setting."""
     torch.manual_seed(settings.seed)
     enable_msda_gradients()
     model = XDecoderModel(get_config("demo"))
