@@ -33,8 +33,14 @@ class FocalNetConfig:
 @dataclass
 class PixelDecoderConfig:
     """The pixel decoder. `name` picks the kind: "transformer_encoder_fpn" (X-Decoder: FPN + transformer
-    encoder on res5) or "transformer_encoder_deform" (Mask2Former-style multi-scale deformable
-    attention encoder on res3..res5, `num_points` sampling points per head and level)."""
+    encoder on res5) or "transformer_encoder_deform" (multi-scale deformable attention encoder on
+    res3..res5, `num_points` sampling points per head and level).
+
+    The deformable kind only: `num_levels` encoder levels (Mask2Former 3, OpenSeeD 4);
+    `level_order` "coarse_first" (Mask2Former: [1/32, 1/16, 1/8]) or "fine_first" (OpenSeeD:
+    [1/8, 1/16, 1/32], then extra stride-2 levels made from res5: 1/64, ...); `dim_feedforward` of the
+    encoder layers (OpenSeeD 2048, Mask2Former 1024); `fpn_upsample` of the 1/8 level merged into res2:
+    "bilinear" (the official models) or "nearest" (the demo model's padding-aware merge)."""
 
     name: str = "transformer_encoder_fpn"
     conv_dim: int = 512
@@ -44,6 +50,9 @@ class PixelDecoderConfig:
     num_encoder_layers: int = 6
     norm_groups: int = 32
     num_points: int = 4
+    num_levels: int = 3
+    level_order: str = "coarse_first"
+    fpn_upsample: str = "nearest"
 
 
 @dataclass
