@@ -2,6 +2,8 @@
 
     python -m models.reference_check CASE_DIR [--checkpoint PATH] [--tasks seg,grounding,...]
 
+An OpenSeeD case folder (`golden.json` + `golden.npz`) is checked by `models.reference_check_openseed`.
+
 A case folder holds `case.json`, the input image and one npz per task (seg, grounding, captioning,
 retrieval, postproc). The model config comes from `keys.json` in the case's parent folder (or from
 the checkpoint's shapes); without `--checkpoint` the deterministic reference checkpoint is made from
@@ -374,6 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument("--tasks", default="", help=f"comma-separated subset of {','.join(TASK_ORDER)}")
     args = parser.parse_args(argv)
+    if (args.case_dir / "golden.json").is_file():  # an OpenSeeD case folder (golden.json + golden.npz)
+        from models import reference_check_openseed
+
+        return reference_check_openseed.main(
+            [str(args.case_dir)] + (["--checkpoint", str(args.checkpoint)] if args.checkpoint else [])
+        )
     tasks = [t for t in args.tasks.split(",") if t] or None
     print(f"{'array':60s} {'max abs':>12s} {'max rel':>12s}  result")
     rows = run_case(args.case_dir, args.checkpoint, tasks)
