@@ -56,8 +56,19 @@ def _list(keys: list[str], limit: int = 20) -> str:
     return ", ".join(keys[:limit]) + more
 
 
+def tied_key_groups(state: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Groups of two or more keys whose tensors share storage (a module registered under several
+    names, e.g. OpenSeeD's box head): every name is listed by `state_dict()`."""
+    groups: dict[tuple, list[str]] = {}
+    for key, value in state.items():
+        if value.numel() and value.device.type != "meta":
+            groups.setdefault((value.data_ptr(), tuple(value.shape), value.stride()), []).append(key)
+    return [keys for keys in groups.values() if len(keys) > 1]
+
+
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The entries of `state` to load into `model`; raises `CheckpointError` on any mismatch."""
+    """The entries of `state` to load into `model`; raises `CheckpointError` on any mismatch,
+    including tied keys (one tensor in the model) whose values in the file differ."""
     expected = model.state_dict()
     kept = {k: v for k, v in state.items() if not k.startswith(LOSS_ONLY_PREFIXES)}
     missing = [k for k in expected if k not in kept and k not in REBUILDABLE_BUFFERS]
@@ -67,7 +78,15 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[s
         for k, v in kept.items()
         if k in expected and v.shape != expected[k].shape
     ]
+    differing_ties = [
+        f"{group[0]} and its {len(group) - 1} tied names"
+        for group in tied_key_groups(expected)
+        if all(k in kept and kept[k].shape == kept[group[0]].shape for k in group)
+        and not all(torch.equal(kept[group[0]], kept[k]) for k in group[1:])
+    ]
     problems = []
+    if differing_ties:
+        problems.append(f"tied keys with different values: {_list(differing_ties, 3)}")
     if missing:
         problems.append(f"missing keys: {_list(missing)}")
     if unexpected:

@@ -33,7 +33,7 @@ from models.postprocess_openseed import OpenSeeDPostprocessConfig
 def openseed_pixel_decoder() -> PixelDecoderConfig:
     """The OpenSeeD encoder: 256 channels, 6 layers, FFN 2048, 4 levels [1/8, 1/16, 1/32, 1/64]."""
     return PixelDecoderConfig(
-        name="openseed_encoder_deform",
+        name="transformer_encoder_deform",
         conv_dim=256,
         mask_dim=256,
         num_heads=8,
@@ -41,6 +41,9 @@ def openseed_pixel_decoder() -> PixelDecoderConfig:
         num_encoder_layers=6,
         norm_groups=32,
         num_points=4,
+        num_levels=4,
+        level_order="fine_first",
+        fpn_upsample="bilinear",
     )
 
 
