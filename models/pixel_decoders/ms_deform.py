@@ -1,24 +1,33 @@
 """The multi-scale deformable attention pixel decoder (Mask2Former's `MSDeformAttnPixelDecoder`, the
-`transformer_encoder_deform` of X-Decoder / SEEM), with the official parameter names:
+`transformer_encoder_deform` of X-Decoder / SEEM, and OpenSeeD's `OpenSeeDEncoder`), with the official
+parameter names:
 
-    input_proj.{0,1,2}            Conv1x1 + GroupNorm on res5, res4, res3 -> conv_dim
-    transformer.level_embed       (3, conv_dim), one row per level in the order [1/32, 1/16, 1/8]
+    input_proj.{i}                Conv + GroupNorm per encoder level -> conv_dim (below)
+    transformer.level_embed       (num_levels, conv_dim), one row per level in the encoder order
     transformer.encoder.layers.*  post-norm layers: MSDeformAttn self-attention (`self_attn`,
                                   through `openset::ms_deform_attn`), norm1, FFN linear1/linear2, norm2
     adapter_1, layer_1            FPN on res2: lateral 1x1 + GN, merged, then 3x3 + GN + ReLU
     mask_features                 Conv1x1 -> mask_dim at 1/4
 
-Outputs match `TransformerEncoderPixelDecoder`: `mask_features` (B, mask_dim, H/4, W/4), the encoded
-1/32 level (B, D, H/32, W/32) and `multi_scale_features` [1/32, 1/16, 1/8], each (B, D, h, w).
+Level construction (`PixelDecoderConfig.level_order`), input_proj.i builds encoder level i:
+
+- "coarse_first" (Mask2Former, the demo): Conv1x1 + GN on res5, res4, res3, order [1/32, 1/16, 1/8];
+- "fine_first" (OpenSeeD): Conv1x1 + GN on res3, res4, res5, then `num_levels - 3` extra levels, each a
+  Conv3x3 stride 2 + GN on the previous one (the first on res5): order [1/8, 1/16, 1/32, 1/64].
+
+Outputs: `mask_features` (B, mask_dim, H/4, W/4) and the encoder levels as maps (B, D, h, w) in the
+encoder order (`multi_scale`); `forward_features` adds the flat encoder memory and its level layout.
 
 Padding: with a `valid` mask (B, 1, H/4, W/4) of each image's own area, padded values are zeroed
 before sampling (as the kernel's zero padding does outside a map), reference points and offsets are
-scaled by each image's valid ratios, GroupNorm statistics and 3x3 convs only see each image's area,
-and the FPN merge is a nearest 2x upsample, so batched and single-image features agree. (Mask2Former
-merges with a bilinear upsample, which would read padded neighbours at the edge of an image.)
+scaled by each image's valid ratios, GroupNorm statistics and 3x3 convs only see each image's area.
+With `fpn_upsample="nearest"` (the demo) batched and single-image features then agree; the official
+bilinear merge reads padded neighbours at the edge of an image. OpenSeeD and Mask2Former use no mask.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,17 +37,25 @@ from models.configs import PixelDecoderConfig
 from models.ops import MSDeformAttn
 from models.pixel_decoders.fpn_encoder import ConvNorm, masked_group_norm, sine_position_embedding
 
-NUM_LEVELS = 3  # res3..res5, as in Mask2Former
+BACKBONE_LEVELS = ("res3", "res4", "res5")  # the backbone features the encoder reads, fine to coarse
+STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 
 
 class InputProjection(nn.Sequential):
-    """`input_proj.i`: Conv1x1 (index 0) + GroupNorm (index 1), statistics over each image's area."""
+    """`input_proj.i`: Conv (index 0) + GroupNorm (index 1), statistics over each image's area."""
 
-    def __init__(self, in_dim: int, out_dim: int, groups: int) -> None:
-        super().__init__(nn.Conv2d(in_dim, out_dim, kernel_size=1), nn.GroupNorm(groups, out_dim))
+    def __init__(self, in_dim: int, out_dim: int, groups: int, kernel: int = 1, stride: int = 1) -> None:
+        conv = nn.Conv2d(in_dim, out_dim, kernel_size=kernel, stride=stride, padding=kernel // 2)
+        super().__init__(conv, nn.GroupNorm(groups, out_dim))
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        return masked_group_norm(self[0](x), self[1], valid)
+    def forward(
+        self, x: torch.Tensor, valid_in: torch.Tensor | None = None, valid_out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (B, C, h, w); valid_in / valid_out: (B, 1, ., .) areas of the input and output maps (a 1x1
+        conv keeps the map, so valid_out defaults to valid_in)."""
+        if valid_in is not None and self[0].kernel_size[0] > 1:
+            x = x * valid_in
+        return masked_group_norm(self[0](x), self[1], valid_in if valid_out is None else valid_out)
 
 
 class MSDeformAttnEncoderLayer(nn.Module):
@@ -74,7 +91,7 @@ class MSDeformAttnTransformerEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(
             MSDeformAttnEncoderLayer(
-                cfg.conv_dim, cfg.dim_feedforward, NUM_LEVELS, cfg.num_heads, cfg.num_points
+                cfg.conv_dim, cfg.dim_feedforward, cfg.num_levels, cfg.num_heads, cfg.num_points
             )
             for _ in range(cfg.num_encoder_layers)
         )
@@ -112,36 +129,68 @@ def encoder_reference_points(
     return reference[:, :, None] * ratios[:, None]
 
 
+def level_layout(sizes: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`spatial_shapes` (L, 2) int64 rows (h, w) and `level_start_index` (L,) int64 of a flat memory."""
+    shapes = torch.as_tensor(sizes, dtype=torch.long, device=device).view(-1, 2)
+    starts = torch.cat((shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]))
+    return shapes, starts
+
+
+def flatten_levels(maps: list[torch.Tensor]) -> torch.Tensor:
+    """Per level (B, D, h, w) -> (B, sum h*w, D), levels concatenated in list order."""
+    return torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)
+
+
 class MSDeformAttnTransformerEncoderOnly(nn.Module):
     """`transformer`: `level_embed` and `encoder.layers.*`."""
 
     def __init__(self, cfg: PixelDecoderConfig) -> None:
         super().__init__()
-        self.level_embed = nn.Parameter(torch.empty(NUM_LEVELS, cfg.conv_dim))
+        self.level_embed = nn.Parameter(torch.empty(cfg.num_levels, cfg.conv_dim))
         self.encoder = MSDeformAttnTransformerEncoder(cfg)
         nn.init.normal_(self.level_embed)
 
     def forward(
         self, srcs: list[torch.Tensor], pos: list[torch.Tensor], valids: list[torch.Tensor | None]
     ) -> list[torch.Tensor]:
-        """srcs, pos: per level (B, D, h, w) in the order [1/32, 1/16, 1/8]; valids per level
-        (B, 1, h, w) or None. Returns the encoded levels in the same order and shapes."""
+        """srcs, pos: per level (B, D, h, w) in the encoder order; valids per level (B, 1, h, w) or
+        None. Returns the encoded levels in the same order and shapes."""
         b, device = srcs[0].shape[0], srcs[0].device
         sizes = [tuple(s.shape[-2:]) for s in srcs]
-        flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], dim=1)
+        flat = flatten_levels(srcs)
         flat_pos = torch.cat(
             [p.flatten(2).transpose(1, 2) + self.level_embed[i] for i, p in enumerate(pos)], dim=1
         )
         padding = None
         if valids[0] is not None:
             padding = torch.cat([~v[:, 0].flatten(1).bool() for v in valids], dim=1)
-        shapes = torch.as_tensor(sizes, dtype=torch.long, device=device)
-        starts = torch.cat((shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]))
+        shapes, starts = level_layout(sizes, device)
         reference = encoder_reference_points(sizes, valid_ratios(valids, b, device), device)
         for layer in self.encoder.layers:
             flat = layer(flat, flat_pos, reference, shapes, starts, padding)
         out = flat.split([h * w for h, w in sizes], dim=1)
         return [o.transpose(1, 2).reshape(b, -1, h, w) for o, (h, w) in zip(out, sizes, strict=True)]
+
+
+@dataclass
+class EncoderInputs:
+    """What enters the deformable encoder, per level in the encoder order."""
+
+    srcs: list[torch.Tensor]  # (B, D, h, w) after input_proj, before positions and level embeddings
+    pos: list[torch.Tensor]  # (B, D, h, w) sine position embeddings
+    valids: list[torch.Tensor | None]  # (B, 1, h, w) each image's own area, or None
+
+
+@dataclass
+class PixelDecoderOutput:
+    """Everything the transformer decoders read from the pixel decoder."""
+
+    mask_features: torch.Tensor  # (B, mask_dim, H/4, W/4)
+    multi_scale: list[torch.Tensor]  # encoder levels in the encoder order, each (B, D, h, w)
+    memory: torch.Tensor  # (B, S, D): the encoder output flattened in the encoder order
+    spatial_shapes: torch.Tensor  # (L, 2) int64 rows (h, w), encoder order
+    level_start_index: torch.Tensor  # (L,) int64
+    valids: list[torch.Tensor | None]  # per level (B, 1, h, w) or None
 
 
 class MSDeformAttnPixelDecoder(nn.Module):
@@ -150,34 +199,86 @@ class MSDeformAttnPixelDecoder(nn.Module):
     def __init__(self, cfg: PixelDecoderConfig, in_channels: list[int]) -> None:
         super().__init__()
         d, g = cfg.conv_dim, cfg.norm_groups
-        # res5, res4, res3: low resolution first
-        self.input_proj = nn.ModuleList(InputProjection(c, d, g) for c in in_channels[1:][::-1])
+        if cfg.level_order not in ("coarse_first", "fine_first"):
+            raise ValueError(f"unknown level_order {cfg.level_order!r}")
+        if cfg.num_levels < len(BACKBONE_LEVELS) or (
+            cfg.level_order == "coarse_first" and cfg.num_levels != len(BACKBONE_LEVELS)
+        ):
+            raise ValueError(f"num_levels {cfg.num_levels} does not fit level_order {cfg.level_order!r}")
+        if cfg.fpn_upsample not in ("nearest", "bilinear"):
+            raise ValueError(f"unknown fpn_upsample {cfg.fpn_upsample!r}")
+        channels = dict(zip(["res2", *BACKBONE_LEVELS], in_channels, strict=True))
+        names = list(BACKBONE_LEVELS) if cfg.level_order == "fine_first" else list(BACKBONE_LEVELS[::-1])
+        projections = [InputProjection(channels[n], d, g) for n in names]
+        in_dim = channels["res5"]
+        for _ in range(cfg.num_levels - len(BACKBONE_LEVELS)):
+            projections.append(InputProjection(in_dim, d, g, kernel=3, stride=2))
+            in_dim = d
+        self.input_proj = nn.ModuleList(projections)
         self.transformer = MSDeformAttnTransformerEncoderOnly(cfg)
         self.adapter_1 = ConvNorm(in_channels[0], d, 1, g, relu=False)
         self.layer_1 = ConvNorm(d, d, 3, g, relu=True)
         self.mask_features = nn.Conv2d(d, cfg.mask_dim, kernel_size=1)
         self.conv_dim = d
+        self.level_names = names  # backbone feature of each input_proj.i (the extra levels follow)
+        self.fine_first = cfg.level_order == "fine_first"
+        self.fpn_upsample = cfg.fpn_upsample
+
+    def encoder_inputs(
+        self, features: dict[str, torch.Tensor], valid: torch.Tensor | None = None
+    ) -> EncoderInputs:
+        """Projected levels, their sine positions and valid masks, in the encoder order."""
+        srcs, valids = [], []
+        for proj, name in zip(self.input_proj, self.level_names, strict=False):
+            v = None if valid is None else valid[:, :, :: STRIDES[name] // 4, :: STRIDES[name] // 4]
+            srcs.append(proj(features[name], v))
+            valids.append(v)
+        previous, v_prev = features["res5"], valids[self.level_names.index("res5")]
+        for proj in self.input_proj[len(self.level_names) :]:
+            v = None if v_prev is None else v_prev[:, :, ::2, ::2]
+            previous = proj(previous, v_prev, v)
+            srcs.append(previous)
+            valids.append(v)
+            v_prev = v
+        pos = [
+            sine_position_embedding((s.shape[0], *s.shape[-2:]), self.conv_dim // 2, v, s.device)
+            for s, v in zip(srcs, valids, strict=True)
+        ]
+        return EncoderInputs(srcs, pos, valids)
+
+    def forward_features(
+        self, features: dict[str, torch.Tensor], valid: torch.Tensor | None = None
+    ) -> PixelDecoderOutput:
+        """features res2..res5 (B, C_i, H_i, W_i); valid (B, 1, H/4, W/4) float or None."""
+        inputs = self.encoder_inputs(features, valid)
+        multi_scale = self.transformer(inputs.srcs, inputs.pos, inputs.valids)
+        if valid is not None:
+            multi_scale = [m * v for m, v in zip(multi_scale, inputs.valids, strict=True)]
+        finest = multi_scale[0] if self.fine_first else multi_scale[-1]  # the 1/8 level
+        lateral = self.adapter_1(features["res2"], valid)
+        if self.fpn_upsample == "bilinear":
+            up = F.interpolate(finest, size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+        else:
+            up = F.interpolate(finest, size=lateral.shape[-2:], mode="nearest")
+        y = self.layer_1(lateral + up, valid)
+        mask_input = y if valid is None else y * valid
+        shapes, starts = level_layout([tuple(m.shape[-2:]) for m in multi_scale], multi_scale[0].device)
+        return PixelDecoderOutput(
+            mask_features=self.mask_features(mask_input),
+            multi_scale=multi_scale,
+            memory=flatten_levels(multi_scale),
+            spatial_shapes=shapes,
+            level_start_index=starts,
+            valids=inputs.valids,
+        )
 
     def forward(
         self, features: dict[str, torch.Tensor], valid: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """features res2..res5 (B, C_i, H_i, W_i); valid (B, 1, H/4, W/4) float or None.
 
-        Returns mask_features (B, mask_dim, H/4, W/4), the encoded 1/32 level (B, D, H/32, W/32) and
-        the multi-scale features [1/32, 1/16, 1/8], each (B, D, h, w).
+        Returns mask_features (B, mask_dim, H/4, W/4), the first encoder level (B, D, h, w) and all
+        encoder levels in the encoder order, each (B, D, h, w).
         """
-        names = ["res5", "res4", "res3"]
-        valids = [None if valid is None else valid[:, :, :: 2**i, :: 2**i] for i in (3, 2, 1)]
-        srcs = [proj(features[n], v) for proj, n, v in zip(self.input_proj, names, valids, strict=True)]
-        pos = [
-            sine_position_embedding((s.shape[0], *s.shape[-2:]), self.conv_dim // 2, v, s.device)
-            for s, v in zip(srcs, valids, strict=True)
-        ]
-        multi_scale = self.transformer(srcs, pos, valids)
-        if valid is not None:
-            multi_scale = [m * v for m, v in zip(multi_scale, valids, strict=True)]
-        lateral = self.adapter_1(features["res2"], valid)
-        y = lateral + F.interpolate(multi_scale[-1], size=lateral.shape[-2:], mode="nearest")
-        y = self.layer_1(y, valid)
-        mask_input = y if valid is None else y * valid
-        return self.mask_features(mask_input), multi_scale[0], multi_scale
+        out = self.forward_features(features, valid)
+        return out.mask_features, out.multi_scale[0], out.multi_scale
