@@ -206,3 +206,48 @@ def test_swin_pads_sizes_that_are_not_multiples() -> None:
         padded = model(torch.nn.functional.pad(image, (0, 2, 0, 1)))  # 100 x 152: same patch grid
     for name in features:
         assert torch.allclose(padded[name], features[name], atol=1e-5), name
+
+
+def test_fine_first_levels_ignore_padding_with_a_valid_mask() -> None:
+    """With the padding-aware merge, an image's pixel-decoder outputs (the stride-2 1/64 level
+    included) are the same alone and zero-padded into a larger batch with a `valid` mask."""
+    torch.manual_seed(0)
+    cfg = PixelDecoderConfig(
+        name="transformer_encoder_deform",
+        conv_dim=32,
+        mask_dim=16,
+        num_heads=4,
+        dim_feedforward=64,
+        num_encoder_layers=2,
+        norm_groups=8,
+        num_levels=4,
+        level_order="fine_first",
+        fpn_upsample="nearest",
+    )
+    channels = [8, 16, 24, 32]
+    decoder = MSDeformAttnPixelDecoder(cfg, channels).eval()
+    with torch.no_grad():  # offsets that reach across the image border
+        for layer in decoder.transformer.encoder.layers:
+            layer.self_attn.sampling_offsets.weight.normal_(std=0.5)
+    own = {f"res{i + 2}": torch.randn(1, c, 16 >> i, 24 >> i) for i, c in enumerate(channels)}
+    padded = {
+        name: torch.cat((torch.nn.functional.pad(f, (0, f.shape[-1] // 3, 0, f.shape[-2] // 2)),) * 2)
+        for name, f in own.items()
+    }
+    for name, f in padded.items():  # the second image fills the batch's whole map, the first has junk
+        h, w = own[name].shape[-2:]
+        f[1].normal_()
+        f[0, :, h:] = 10.0
+        f[0, :, :, w:] = -10.0
+    valid = torch.zeros(2, 1, 24, 32)
+    valid[0, :, :16, :24] = 1
+    valid[1] = 1
+    with torch.no_grad():
+        alone = decoder.forward_features(own)
+        batched = decoder.forward_features(padded, valid)
+    assert [tuple(m.shape[-2:]) for m in alone.multi_scale] == [(8, 12), (4, 6), (2, 3), (1, 2)]
+    assert [tuple(m.shape[-2:]) for m in batched.multi_scale] == [(12, 16), (6, 8), (3, 4), (2, 2)]
+    for a, b in zip(alone.multi_scale, batched.multi_scale, strict=True):
+        h, w = a.shape[-2:]
+        assert torch.allclose(b[:1, :, :h, :w], a, atol=1e-4)
+    assert torch.allclose(batched.mask_features[:1, :, :16, :24], alone.mask_features, atol=1e-4)
