@@ -67,8 +67,9 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def read_detectron2_pkl(path: str | Path) -> dict[str, torch.Tensor]:
-    """The `"model"` entry of a detectron2 `.pkl` (or the whole dict when it has no such entry) as float
-    tensors; bookkeeping entries are dropped. Raises `CheckpointError` on refused or non-array content."""
+    """The `"model"` entry of a detectron2 `.pkl` (or the whole dict when it has no such entry) as
+    tensors of the stored dtypes; bookkeeping entries are dropped. Raises `CheckpointError` on refused
+    or non-array content."""
     path = Path(path)
     try:
         with open(path, "rb") as f:

@@ -17,6 +17,11 @@ post-norm. Prediction heads run on the learnable queries before the first layer 
 each one's masks, resized bilinearly to the next level and thresholded at sigmoid 0.5, block the next
 cross-attention (a query whose mask blocks every pixel attends everywhere instead).
 The layer modules are X-Decoder's (same math, same names).
+
+This follows the official code. `transformers`' Mask2Former computes the same function in float32
+(tests/test_mask2former.py holds it to rounding); it differs in names (converted by
+`models.checkpoint_formats`) and, under fp16/bf16 only, in precision: the official pixel decoder casts
+its inputs to float32 before the deformable encoder, transformers keeps the input dtype.
 """
 
 from __future__ import annotations
