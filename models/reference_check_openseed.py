@@ -46,7 +46,7 @@ from models.preprocess import normalize
 from models.reference_check import DEFAULT_CACHE
 
 CONFIG_NAME = "openseed-swint"
-VARIANTS = ("0.1", "0.0")  # the lowered overlap thresholds of the panoptic stress variants
+VARIANT_PREFIX = "post.panoptic_seg_overlap"  # panoptic stress variants: lowered overlap thresholds
 
 
 @dataclass(frozen=True)
@@ -214,7 +214,10 @@ def run_model(model: OpenSeeDModel, case: dict, npz: Any) -> tuple[dict[str, Any
     arrays["post.sem_seg"] = sem
     arrays["post.sem_seg_max"], arrays["post.sem_seg_argmax"] = sem.max(dim=0)
     extras: dict[str, Any] = {}
-    for threshold, key in [(post_cfg.overlap_threshold, "")] + [(float(v), f"_overlap{v}") for v in VARIANTS]:
+    variants = set(res.get("panoptic_variants_segments_info", {}))
+    variants |= {n[len(VARIANT_PREFIX) :] for n in npz.files if n.startswith(VARIANT_PREFIX)}
+    runs = [(post_cfg.overlap_threshold, "")] + [(float(v), f"_overlap{v}") for v in sorted(variants)]
+    for threshold, key in runs:
         pan, info = panoptic_inference(
             logits,
             resized_masks,
@@ -301,30 +304,36 @@ def _segments(info: list[dict]) -> list[tuple[int, int, bool]]:
     return [(int(s["id"]), int(s["category_id"]), bool(s["isthing"])) for s in info]
 
 
+SET_KEYS = {  # reference arrays of the instance ('seg') and detection ('det') sets
+    "post.inst": ("post.inst_query_index", "post.inst_classes", "post.inst_scores", "post.inst_boxes_xyxy"),
+    "det": ("det.query_index", "det.classes", "det.scores", "det.boxes_xyxy"),
+}
+
+
 def compare_sets(
     prefix: str, found: dict[str, torch.Tensor], npz: Any, ref_query_of: np.ndarray, masks_hw: tuple[int, int]
 ) -> list[Row]:
-    """Instance (`post.inst_*`) or detection (`det.*`) sets keyed by (query, class)."""
-    queries = "post.inst_query_index" if prefix == "post.inst" else "det.query_index"
-    classes = "post.inst_classes" if prefix == "post.inst" else "det.classes"
+    """Instance (`post.inst_*`) or detection (`det.*`) sets keyed by (query, class): same keys, then
+    scores, boxes and (instances) binary masks of the matching entries."""
+    queries, classes, scores, boxes = SET_KEYS[prefix]
     ref_keys = list(zip(npz[queries].tolist(), npz[classes].tolist(), strict=True))
     ours = [int(ref_query_of[q]) for q in _np(found["query_indices"]).tolist()]
     our_keys = list(zip(ours, _np(found["labels"]).tolist(), strict=True))
     same = sorted(ref_keys) == sorted(our_keys) and len(set(our_keys)) == len(our_keys)
-    rows: list[Row] = [(f"{prefix}:(query,class) set", same, float(len(set(ref_keys) ^ set(our_keys))), "")]
+    rows: list[Row] = [
+        (
+            f"{prefix}:(query,class) set",
+            same,
+            float(len(set(ref_keys) ^ set(our_keys))),
+            f"{len(ref_keys)} entries",
+        )
+    ]
     position = {k: i for i, k in enumerate(our_keys)}
-    common = [k for k in ref_keys if k in position]
     ref_rows = [i for i, k in enumerate(ref_keys) if k in position]
-    our_rows = [position[k] for k in common]
-    score_err = float(
-        np.abs(
-            _np(found["scores"])[our_rows]
-            - npz[f"{prefix}_scores" if prefix == "post.inst" else "det.scores"][ref_rows]
-        ).max(initial=0.0)
-    )
+    our_rows = [position[ref_keys[i]] for i in ref_rows]
+    score_err = float(np.abs(_np(found["scores"])[our_rows] - npz[scores][ref_rows]).max(initial=0.0))
     rows.append((f"{prefix}:scores", same and score_err <= 1e-4, score_err, ""))
-    box_key = "post.inst_boxes_xyxy" if prefix == "post.inst" else "det.boxes_xyxy"
-    box_err = float(np.abs(_np(found["boxes"])[our_rows] - npz[box_key][ref_rows]).max(initial=0.0))
+    box_err = float(np.abs(_np(found["boxes"])[our_rows] - npz[boxes][ref_rows]).max(initial=0.0))
     rows.append((f"{prefix}:boxes_xyxy", same and box_err <= 0.05, box_err, "px"))
     if prefix == "post.inst":
         h, w = masks_hw
