@@ -160,10 +160,11 @@ def test_transformers_parity_on_a_real_sized_image(
 def test_transformers_backbone_features_match(
     hf_checkpoint: tuple[Path, Mask2FormerForUniversalSegmentation], ours: Mask2FormerModel
 ) -> None:
-    """res2..res5 of our Swin equal those of the transformers backbone (a 384 x 384 input: every stage
-    is larger than the window, where both implementations pad and shift the same way)."""
+    """res2..res5 of our Swin equal those of the transformers backbone on an input whose maps are no
+    multiple of the window and, at 1/16 and 1/32, smaller than it: both pad to the window and keep
+    the shifted windows (transformers' backbone always partitions, as the official code does)."""
     _, hf = hf_checkpoint
-    images = torch.randn(1, 3, 384, 384, generator=torch.Generator().manual_seed(8))
+    images = torch.randn(1, 3, 96, 160, generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         theirs = hf.model.pixel_level_module.encoder(images).feature_maps
         mine = ours.backbone(images)
