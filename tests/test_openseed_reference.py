@@ -116,6 +116,26 @@ def test_query_selection_depends_on_the_vocabulary() -> None:
     assert bool(((out_a.pred_boxes > 0) & (out_a.pred_boxes < 1)).all())
 
 
+def test_batched_images_decode_like_single_ones() -> None:
+    """Queries are selected per image: a batch of two gives each image's own outputs."""
+    torch.manual_seed(1)
+    cfg = OpenSeeDDecoderConfig(
+        hidden_dim=32, num_queries=10, num_layers=2, num_heads=4, dim_feedforward=64, mask_dim=32
+    )
+    text = TextEncoderConfig(width=32, layers=1, heads=4, context_length=8, projection_dim=16)
+    decoder = OpenSeeDDecoder(cfg, text).eval()
+    levels = [torch.randn(2, 32, s, 2 * s) for s in (8, 4, 2, 1)]  # encoder order, fine first
+    mask_features = torch.randn(2, 32, 16, 32)
+    vocab = torch.nn.functional.normalize(torch.randn(4, 16), dim=-1)
+    with torch.inference_mode():
+        both = decoder(levels, mask_features, vocab)
+        for i in range(2):
+            one = decoder([x[i : i + 1] for x in levels], mask_features[i : i + 1], vocab)
+            torch.testing.assert_close(one.pred_logits[0], both.pred_logits[i], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(one.pred_boxes[0], both.pred_boxes[i], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(one.pred_masks[0], both.pred_masks[i], rtol=1e-4, atol=1e-4)
+
+
 def test_postprocess_uses_sigmoid_then_temperature() -> None:
     logits = torch.tensor([[3.0, -3.0], [-4.0, -2.0], [0.0, 2.5]])  # σ max: 0.95, 0.12, 0.92
     masks = torch.full((3, 4, 4), -6.0)

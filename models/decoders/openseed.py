@@ -284,13 +284,12 @@ class OpenSeeDDecoder(nn.Module):
         reference_logits = enc_boxes.gather(1, selected[..., None].expand(-1, -1, 4))
         tgt = enc_memory.gather(1, selected[..., None].expand(-1, -1, enc_memory.shape[-1]))
 
-        initial_logits, initial_masks = self.heads(
-            tgt, mask_features, class_embeddings, masks=record is not None
-        )
         hs, references = self.decoder(tgt, reference_logits, memory, spatial_shapes, level_start_index)
         pred_logits, pred_masks = self.heads(hs[-1], mask_features, class_embeddings, masks=masks)
         boxes = self.box_predictions(hs, references)
         if record is not None:
+            # The initial prediction (from the selected features) is used in training only.
+            initial_logits, initial_masks = self.heads(tgt, mask_features, class_embeddings, masks=True)
             per_layer_logits = [initial_logits] + [
                 self.heads(h, mask_features, class_embeddings, masks=False)[0] for h in hs
             ]
