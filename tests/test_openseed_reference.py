@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,6 +28,7 @@ from models.postprocess_openseed import (
     panoptic_inference,
     semantic_inference,
 )
+from models.reference_check_openseed import query_alignment
 from tests.conftest import REPO_ROOT
 
 
@@ -194,3 +196,14 @@ def test_golden_case_a(reference_root: Path, cache_dir: Path) -> None:
     ):
         assert any(line.startswith(name + " ") for line in lines), name
     assert len(lines) >= 70
+
+
+def test_query_alignment_allows_only_near_tied_swaps() -> None:
+    ref = np.array([[3, 5, 9]])
+    scores = np.array([[1.0, 1.0 - 5e-6, 0.5]])
+    row, perm = query_alignment(np.array([[5, 3, 9]]), ref, scores)
+    assert row[1] and perm.tolist() == [1, 0, 2]
+    row, _ = query_alignment(np.array([[9, 5, 3]]), ref, scores)  # 3 and 9 differ by 0.5: not a tie
+    assert not row[1]
+    row, perm = query_alignment(np.array([[3, 5, 7]]), ref, scores)
+    assert not row[1] and perm is None
