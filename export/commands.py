@@ -1,6 +1,7 @@
 """`openset export onnx | verify | tensorrt`: the export subcommands (registered in `service.cli`).
 
 openset export onnx --model demo --out exports/demo --dynamic [--msda plugin|portable] [--opset 18]
+openset export onnx --model openseed-swint --checkpoint X --out exports/openseed --size 640x640
 openset export verify exports/demo [--reference ../shared/reference/xdecoder_focalt/case_a]
 openset export tensorrt --onnx exports/demo --out engines/demo [--fp16] [--profiles segmentation ...]
 """
@@ -43,7 +44,9 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
         default="plugin",
         help="deformable attention as TensorRT's plugin node, or as portable GridSample ops (fixed sizes)",
     )
-    onnx.add_argument("--dynamic", action="store_true", help="dynamic image height and width")
+    onnx.add_argument(
+        "--dynamic", action="store_true", help="dynamic image height and width (X-Decoder models only)"
+    )
     onnx.add_argument("--size", type=parse_size, action="append", help="fixed image size HxW (repeatable)")
     onnx.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset (>= {MIN_OPSET})")
     onnx.set_defaults(func=run_onnx)

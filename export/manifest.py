@@ -4,9 +4,11 @@ weights, with which settings, and a sha256 per file so a runtime refuses a chang
     {"format": 1, "kind": "onnx" | "tensorrt", "model": "demo", "weights_id": "...", "config": {...},
      "opset": 17, "msda": "plugin" | "portable", "dynamic": true, "input_sizes": [[H, W], ...],
      "logit_scale": 2.65, "graphs": [{"name", "size": [H, W] | null, "file", "sha256",
-     "inputs": [...], "outputs": [...]}], ...}
+     "inputs": [...], "outputs": [...]}], "family": "xdecoder" | "openseed" | "mask2former", ...}
 
-`size` is null for graphs with dynamic image axes and for the text graphs.
+`size` is null for graphs with dynamic image axes and for the text graphs. `family` names the model
+family whose graphs the export holds (`export.graphs` or `export.families`); manifests written
+before it existed are X-Decoder exports.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class Manifest:
     graphs: list[GraphEntry] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     format: int = FORMAT
+    family: str = "xdecoder"
 
     def graph(self, name: str, size: tuple[int, int] | None = None) -> GraphEntry:
         """The entry of graph `name` for image size `size` (the dynamic one when it exists)."""

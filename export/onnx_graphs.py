@@ -4,7 +4,9 @@
 
 Graphs are traced with the TorchScript exporter (`models.ops.onnx_export.export_onnx`, which writes
 multi-scale deformable attention in the chosen form) on seeded example inputs of batch 2, so no
-axis is specialised to 1.
+axis is specialised to 1. `export_model` serves every model family through a `GraphSet` (its graphs,
+example inputs and default sizes): `XDECODER_GRAPHS` here, OpenSeeD and Mask2Former in
+`export.families`.
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from export.graphs import FEATURES, GraphSpec, graph_specs
 from export.manifest import MSDA_FORMS, GraphEntry, Manifest
@@ -110,6 +116,28 @@ def export_graph(
         )
 
 
+@dataclass(frozen=True)
+class GraphSet:
+    """What `export_model` exports of one model family.
+
+    `specs(model, dynamic_size)` lists the graphs, `inputs(model, size, seed)` gives each graph's
+    seeded example inputs at image size (H, W), `sizes(model)` the fixed sizes of an export without
+    `--size`; `size_free` names the graphs without an image input (exported once); `dynamic_size`
+    tells whether the family's image graphs can take dynamic image axes.
+    """
+
+    family: str
+    specs: Callable[[nn.Module, bool], list[GraphSpec]]
+    inputs: Callable[[nn.Module, tuple[int, int], int], dict[str, dict[str, torch.Tensor]]]
+    sizes: Callable[[nn.Module], list[tuple[int, int]]]
+    size_free: frozenset[str] = frozenset({"text_encoder"})
+    dynamic_size: bool = True
+    export_forms: Callable[[nn.Module], AbstractContextManager[None]] | None = None
+
+
+XDECODER_GRAPHS = GraphSet("xdecoder", graph_specs, example_inputs, default_sizes)
+
+
 def export_onnx_model(
     name: str,
     checkpoint: str | Path | None,
@@ -119,14 +147,19 @@ def export_onnx_model(
     opset: int = MIN_OPSET,
     sizes: list[tuple[int, int]] | None = None,
 ) -> Manifest:
-    """Write every graph of the named model (with its checkpoint) and `manifest.json` into `out`."""
+    """Write every graph of the named model (with its checkpoint) and `manifest.json` into `out`.
+    OpenSeeD and Mask2Former names go to `export.families.export_family_model`."""
+    from export.families import export_family_model, family_of
+
+    if family_of(name) != XDECODER_GRAPHS.family:
+        return export_family_model(name, checkpoint, out, msda, dynamic, opset, sizes)
     model, weights_id = build_model(name, checkpoint)
     extra = {"checkpoint": None if checkpoint is None else str(checkpoint)}
     return export_model(model, weights_id, out, msda, dynamic, opset, sizes, extra)
 
 
 def export_model(
-    model: XDecoderModel,
+    model: nn.Module,
     weights_id: str,
     out: Path,
     msda: str = "plugin",
@@ -134,11 +167,13 @@ def export_model(
     opset: int = MIN_OPSET,
     sizes: list[tuple[int, int]] | None = None,
     extra: dict | None = None,
+    graphs: GraphSet = XDECODER_GRAPHS,
 ) -> Manifest:
     """Export `model` (config `model.cfg`) into `out`; returns the manifest written there.
 
     `dynamic`: image axes dynamic (one graph each); otherwise one image-side graph per size in
-    `sizes` (default `default_sizes`). Batch and text axes are always dynamic.
+    `sizes` (default `graphs.sizes`). Batch and text axes are always dynamic. `graphs`: the family's
+    graph set (X-Decoder by default).
     """
     if msda not in MSDA_FORMS:
         raise ValueError(f"--msda must be one of {sorted(MSDA_FORMS)}, got {msda!r}")
@@ -147,26 +182,30 @@ def export_model(
             "the portable MSDA form (GridSample) bakes the level sizes into the graph: export it with "
             "fixed sizes (no --dynamic, sizes from --size), or use --msda plugin for dynamic sizes"
         )
+    if dynamic and not graphs.dynamic_size:
+        raise ValueError(
+            f"{graphs.family} graphs are exported at fixed image sizes: leave out --dynamic and give "
+            "the sizes with --size HxW"
+        )
     register_symbolics(opset)
     out.mkdir(parents=True, exist_ok=True)
     if dynamic:
-        trace_sizes: list[tuple[tuple[int, int], tuple[int, int] | None]] = [
-            (min(default_sizes(model)), None)
-        ]
+        trace_sizes: list[tuple[tuple[int, int], tuple[int, int] | None]] = [(min(graphs.sizes(model)), None)]
         declared: list[tuple[int, int]] = []
     else:
-        declared = sizes or default_sizes(model)
+        declared = sizes or graphs.sizes(model)
         trace_sizes = [(s, s) for s in declared]
     entries: list[GraphEntry] = []
     for trace_size, fixed in trace_sizes:
-        inputs = example_inputs(model, trace_size)
-        for spec in graph_specs(model, dynamic_size=dynamic):
-            if spec.name == "text_encoder" and any(e.name == "text_encoder" for e in entries):
+        inputs = graphs.inputs(model, trace_size, 0)
+        for spec in graphs.specs(model, dynamic):
+            if spec.name in graphs.size_free and any(e.name == spec.name for e in entries):
                 continue
-            size = None if (fixed is None or spec.name == "text_encoder") else list(fixed)
+            size = None if (fixed is None or spec.name in graphs.size_free) else list(fixed)
             file = spec.name + ("" if size is None else f"_{size[0]}x{size[1]}") + ".onnx"
             logger.info("exporting %s", file)
-            export_graph(spec, inputs[spec.name], out / file, MSDA_FORMS[msda], opset)
+            with graphs.export_forms(spec.module) if graphs.export_forms else nullcontext():
+                export_graph(spec, inputs[spec.name], out / file, MSDA_FORMS[msda], opset)
             entries.append(
                 GraphEntry(spec.name, file, file_sha256(out / file), spec.inputs, spec.outputs, size)
             )
@@ -179,9 +218,16 @@ def export_model(
         msda=msda,
         dynamic=dynamic,
         input_sizes=[list(s) for s in declared],
-        logit_scale=float(model.text_encoder.logit_scale.detach()),
+        logit_scale=logit_scale_of(model),
         graphs=entries,
         extra={**(extra or {}), "torch": torch.__version__},
+        family=graphs.family,
     )
     manifest.write(out)
     return manifest
+
+
+def logit_scale_of(model: nn.Module) -> float:
+    """The text encoder's (log) logit scale; 0.0 for a closed-vocabulary model without one."""
+    text = getattr(model, "text_encoder", None)
+    return 0.0 if text is None else float(text.logit_scale.detach())

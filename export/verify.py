@@ -7,6 +7,13 @@
    the exported model runs the case's captioning and retrieval inputs (224 x 224) and its outputs are
    compared with the golden arrays under the case's own tolerances (`models.reference_compare`).
 
+OpenSeeD and Mask2Former exports (`export.families`) get check 1 against their torch model, rebuilt
+from the manifest's config and the checkpoint. For `openseed_decoder` the selected proposals
+(`topk_indices`) must be the same set as torch's, except for swaps between near-ties (proposal
+scores within the tolerance of the k-th score); the per-query outputs are compared query by query
+after matching the ONNX queries to torch's by their proposal, so a reordering of near-equal scores
+is not an error (queries without a match are left out and counted).
+
 One line per comparison; the exit status is non-zero when any fails.
 """
 
@@ -20,9 +27,9 @@ import numpy as np
 import torch
 
 from export.graphs import graph_specs
-from export.manifest import read_manifest
+from export.manifest import Manifest, read_manifest
 from export.onnx_graphs import example_inputs
-from export.runtime import ExportedModel, load_exported
+from export.runtime import ExportedModel, OrtRunner, load_exported
 from models.postprocess import retrieval_scores
 from models.predictor import build_model
 from models.reference_compare import compare_array
@@ -39,10 +46,21 @@ class Check:
     max_abs: float
     scale: float
     ok: bool
+    note: str = ""
 
     def line(self) -> str:
         verdict = "PASS" if self.ok else "FAIL"
-        return f"{self.name:<48} max_abs {self.max_abs:.3e}  max|ref| {self.scale:.3e}  {verdict}"
+        note = f"  ({self.note})" if self.note else ""
+        return f"{self.name:<48} max_abs {self.max_abs:.3e}  max|ref| {self.scale:.3e}{note}  {verdict}"
+
+
+def output_check(tag: str, ref: np.ndarray, got: np.ndarray) -> Check:
+    """max |got - ref|, passing at `ATOL + RTOL * max|ref|`; a shape mismatch fails."""
+    if got.shape != ref.shape:
+        return Check(f"{tag} shape {got.shape}", float("inf"), 0.0, False)
+    err = float(np.abs(got.astype(np.float64) - ref).max()) if ref.size else 0.0
+    scale = float(np.abs(ref).max()) if ref.size else 0.0
+    return Check(tag, err, scale, err <= ATOL + RTOL * scale)
 
 
 def check_sizes(model_sizes: list[list[int]], dynamic: bool, base: tuple[int, int]) -> list[tuple[int, int]]:
@@ -70,17 +88,80 @@ def compare_graphs(
             graph_size = None if spec.name == "text_encoder" else size
             actual = exported.run(spec.name, graph_size, {k: v.numpy() for k, v in feeds.items()})
             for name, ref in zip(spec.outputs, expected, strict=True):
-                ref = ref.numpy()
-                got = actual[name]
-                if got.shape != ref.shape:
-                    checks.append(
-                        Check(f"{spec.name}:{name}@{size} shape {got.shape}", float("inf"), 0.0, False)
-                    )
-                    continue
-                err = float(np.abs(got.astype(np.float64) - ref).max()) if ref.size else 0.0
-                scale = float(np.abs(ref).max()) if ref.size else 0.0
                 tag = f"{spec.name}:{name}" + ("" if graph_size is None else f"@{size[0]}x{size[1]}")
-                checks.append(Check(tag, err, scale, err <= ATOL + RTOL * scale))
+                checks.append(output_check(tag, ref.numpy(), actual[name]))
+    return checks
+
+
+def compare_family_graphs(
+    directory: Path, manifest: Manifest, model: torch.nn.Module, sizes: list[tuple[int, int]], seed: int
+) -> list[Check]:
+    """Check 1 for an OpenSeeD / Mask2Former export (`export.families`), in ONNX Runtime on CPU."""
+    from export.families import FAMILIES
+
+    graphs = FAMILIES[manifest.family].graphs
+    runners: dict[str, OrtRunner] = {}
+    checks = []
+    for k, size in enumerate(sizes):
+        inputs = graphs.inputs(model, size, seed)
+        for spec in graphs.specs(model, False):
+            size_free = spec.name in graphs.size_free
+            if size_free and k > 0:
+                continue  # no image input: checked once
+            feeds = inputs[spec.name]
+            with torch.no_grad():
+                expected = spec.module.eval()(*(feeds[name] for name in spec.inputs))
+            expected = expected if isinstance(expected, tuple) else (expected,)
+            entry = manifest.graph(spec.name, None if size_free else size)
+            if entry.file not in runners:
+                runners[entry.file] = OrtRunner(directory / entry.file, ["CPUExecutionProvider"])
+            actual = runners[entry.file].run({name: v.numpy() for name, v in feeds.items()})
+            refs = {name: ref.numpy() for name, ref in zip(spec.outputs, expected, strict=True)}
+            tag = "" if size_free else f"@{size[0]}x{size[1]}"
+            if spec.name == "openseed_decoder":
+                checks += compare_openseed_decoder(model, feeds, refs, actual, tag)
+                continue
+            checks += [output_check(f"{spec.name}:{name}{tag}", refs[name], actual[name]) for name in refs]
+    return checks
+
+
+def compare_openseed_decoder(
+    model: torch.nn.Module,
+    feeds: dict[str, torch.Tensor],
+    refs: dict[str, np.ndarray],
+    actual: dict[str, np.ndarray],
+    tag: str,
+) -> list[Check]:
+    """The top-k selection (same set up to near-ties), then the per-query outputs matched by proposal."""
+    from export.families import OPENSEED_LEVELS
+
+    record: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        levels = [feeds[name] for name in OPENSEED_LEVELS]
+        model.decoder(levels, feeds["mask_features"], feeds["class_embeddings"], False, record)
+    scores = record["decoder.enc_class_logits"].max(dim=-1)[0].numpy()  # (B, S) per proposal
+    tie = ATOL + RTOL * float(np.abs(scores[np.isfinite(scores)]).max())
+    ref_idx, got_idx = refs["topk_indices"], actual["topk_indices"]
+    swapped, far, reordered = 0, 0, 0
+    pairs: list[tuple[int, list[int], list[int]]] = []  # per image: matched torch / onnx query rows
+    for b in range(ref_idx.shape[0]):
+        where = {int(p): i for i, p in enumerate(got_idx[b])}
+        rows = [(i, where[int(p)]) for i, p in enumerate(ref_idx[b]) if int(p) in where]
+        kth = scores[b, ref_idx[b]].min()
+        extra = set(map(int, got_idx[b])) - set(map(int, ref_idx[b]))
+        swapped += len(extra)
+        far += sum(abs(scores[b, p] - kth) > tie for p in extra)
+        reordered += sum(i != j for i, j in rows)
+        pairs.append((b, [i for i, _ in rows], [j for _, j in rows]))
+    note = "same selection and order"
+    if swapped or reordered:
+        note = f"{swapped} swapped ({far} not near-ties), {reordered} reordered"
+    # max_abs: proposals selected by ONNX Runtime only; scale: the tie tolerance of the scores.
+    checks = [Check(f"openseed_decoder:topk_indices{tag}", float(swapped), tie, far == 0, note)]
+    for name in ("pred_logits", "pred_boxes", "pred_masks"):
+        ref = np.concatenate([refs[name][b, rows_t] for b, rows_t, _ in pairs])
+        got = np.concatenate([actual[name][b, rows_o] for b, _, rows_o in pairs])
+        checks.append(output_check(f"openseed_decoder:{name}{tag}", ref, got))
     return checks
 
 
@@ -128,12 +209,23 @@ def verify_export(
     manifest = read_manifest(directory)
     if checkpoint is None:
         checkpoint = manifest.extra.get("checkpoint")
-    model, weights_id = build_model(manifest.model, checkpoint)
+    family = manifest.family != "xdecoder"
+    if family:
+        from export.families import model_from_manifest
+
+        if reference is not None:
+            raise ValueError(f"--reference takes an X-Decoder golden case, not a {manifest.family} one")
+        model, weights_id = model_from_manifest(manifest, checkpoint)
+    else:
+        model, weights_id = build_model(manifest.model, checkpoint)
     if weights_id != manifest.weights_id:
         raise ValueError(
             f"the export was made from weights {manifest.weights_id}, but {checkpoint} is {weights_id}; "
             "pass the export's checkpoint with --checkpoint"
         )
+    if family:
+        sizes = sizes or [(h, w) for h, w in manifest.input_sizes]
+        return compare_family_graphs(directory, manifest, model, sizes, seed)
     exported = load_exported(directory, "onnxruntime")
     if sizes is None:
         base = max((rule.fixed or (rule.short, rule.short)) for rule in model.cfg.resize.values())
