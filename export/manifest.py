@@ -68,9 +68,10 @@ class Manifest:
             if entry.name == name and (entry.size is None or size is None or tuple(entry.size) == size):
                 return entry
         sizes = [tuple(e.size) for e in self.graphs if e.name == name and e.size]
+        remedy = "export with --dynamic or add" if self.family == "xdecoder" else "export again and add"
         raise KeyError(
             f"no {name!r} graph for image size {size} in this export (fixed sizes {sizes}); "
-            "export with --dynamic or add the size with --size HxW"
+            f"{remedy} the size with --size HxW"
         )
 
     def write(self, directory: Path) -> Path:
@@ -125,7 +126,13 @@ def read_manifest(directory: str | Path, check_files: bool = True) -> Manifest:
 
 
 def check_config(manifest: Manifest) -> None:
-    """The export must come from the config the code now has under that name (else re-export)."""
+    """The export must come from the config the code now has under that name (else re-export), and
+    be an X-Decoder export (the runtimes serve those only)."""
+    if manifest.family != "xdecoder":
+        raise ValueError(
+            f"this is an export of the {manifest.family} model {manifest.model!r}: the ONNX Runtime and "
+            "TensorRT runtimes serve X-Decoder exports only (`openset export verify` checks this one)"
+        )
     current = config_dict(manifest.model)
     if current != manifest.config:
         changed = sorted(k for k in current if current.get(k) != manifest.config.get(k))

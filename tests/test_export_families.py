@@ -16,6 +16,7 @@ import torch
 from export.families import FAMILIES, OPENSEED_LEVELS, family_of, model_from_manifest, openseed_inputs
 from export.manifest import read_manifest
 from export.onnx_graphs import export_model
+from export.runtime import load_exported
 from export.verify import ATOL, RTOL, compare_openseed_decoder, verify_export
 from models.backbones.swin import SwinConfig
 from models.checkpoint import file_sha256, quick_hash
@@ -231,6 +232,11 @@ def test_manifest_records_the_family_and_rebuilds_the_model(
     assert names["text_encoder"].size is None and names["image_encoder"].size == list(SIZE)
     text = onnx.load(str(openseed[1]["plugin"] / "text_encoder.onnx")).graph.input[0]
     assert [d.dim_param or d.dim_value for d in text.type.tensor_type.shape.dim] == ["texts", 18]
+    # The serving runtimes refuse it; verify names the missing size.
+    with pytest.raises(ValueError, match="X-Decoder exports only"):
+        load_exported(openseed[1]["plugin"])
+    with pytest.raises(KeyError, match="export again and add the size"):
+        verify_export(openseed[1]["plugin"], sizes=[(96, 96)])
 
 
 @pytest.mark.slow
