@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,7 +54,9 @@ VOCABULARY = ["person", "rocket", "flag", "sky", "wall"]
 
 
 def reference_dir() -> Path:
-    for candidate in (ROOT.parent / "shared" / "reference", Path("/work/shared/reference")):
+    """OPENSET_REFERENCE_DIR, then ../shared/reference, then /work/shared/reference (as tests do)."""
+    candidates = [os.environ.get("OPENSET_REFERENCE_DIR"), ROOT.parent / "shared" / "reference"]
+    for candidate in [Path(c) for c in candidates if c] + [Path("/work/shared/reference")]:
         if (candidate / "xdecoder_focalt").is_dir():
             return candidate
     raise FileNotFoundError("reference data folder not found (needs xdecoder_focalt/)")

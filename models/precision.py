@@ -14,11 +14,13 @@
   decoder and postprocessing (which need float32 on CPU). fp16 is meant for CUDA.
 
 fp32 stays the default: a lower precision is a choice made per deployment after the task-level parity
-check of `load_tests/gpu_bench_xdecoder.py` (mask IoU >= 0.99 and the same labels as fp32).
+check of `load_tests/gpu_bench_xdecoder.py` (mask IoU >= 0.99 and the same labels as fp32). Measured on
+an H200 with X-Decoder Focal-T (load_tests/RESULTS.md): tf32 and fp16 pass, bf16 does not (IoU 0.986).
 
 `compile` runs `torch.compile` on the backbone and the pixel decoder (most of the FLOPs, no
 data-dependent control flow) with static shapes: one graph per size bucket of the batcher, each
-compiled on first use; on CUDA the mode is "reduce-overhead", which replays CUDA graphs.
+compiled on first use; on CUDA the mode is "reduce-overhead", which replays CUDA graphs (the outputs of
+each compiled part are cloned, since the next replay reuses their memory).
 """
 
 from __future__ import annotations
@@ -74,9 +76,29 @@ def prepare_model(model: nn.Module, precision: str, compile: bool = False, devic
             if isinstance(module, FLOAT32_MODULES):
                 run_in_float32(module)
     if compile:
-        mode = "reduce-overhead" if torch.device(device).type == "cuda" else "default"
-        for name in ("backbone", "sem_seg_head.pixel_decoder"):
-            model.get_submodule(name).compile(mode=mode, dynamic=False)
+        on_cuda = torch.device(device).type == "cuda"
+        for i, name in enumerate(("backbone", "sem_seg_head.pixel_decoder")):
+            module = model.get_submodule(name)
+            if on_cuda:
+                compile_with_cuda_graphs(module, new_step=i == 0)
+            else:
+                module.compile(mode="default", dynamic=False)
+
+
+def compile_with_cuda_graphs(module: nn.Module, new_step: bool) -> None:
+    """torch.compile `module.forward` with CUDA graphs ("reduce-overhead"). A graph's outputs live in
+    memory its next replay overwrites, so they are cloned before they leave; `new_step` marks the
+    start of a model invocation (the first compiled part of the image encoder)."""
+    compiled = torch.compile(module.forward, mode="reduce-overhead", dynamic=False)
+
+    @functools.wraps(module.forward)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if new_step:
+            torch.compiler.cudagraph_mark_step_begin()
+        out = compiled(*args, **kwargs)
+        return torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
+
+    module.forward = forward
 
 
 @contextlib.contextmanager
