@@ -20,21 +20,18 @@ Mask2Former (`models.mask2former.Mask2FormerModel`), one graph:
     mask2former       images (B, 3, H, W)    -> class_logits (B, Q, K+1), mask_logits (B, Q, H/4, W/4)
 
 Both families export at fixed image sizes (`--size HxW`, default the config's short side squared):
-the Swin backbone pads each stage to its window with sizes known at trace time (`swin_stage_forward`
-is its export form). Multi-scale
+the Swin backbone pads each stage to its window with sizes known at trace time. Multi-scale
 deformable attention takes either ONNX form (`--msda plugin|portable`), as for X-Decoder; the export
 loop, manifest and checksums are `export.onnx_graphs.export_model`'s with the `GraphSet`s below.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import json
 import types
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +43,6 @@ from export.graphs import GraphSpec, TextEncoder
 from export.manifest import Manifest
 from export.onnx_graphs import GraphSet, export_model, text_ids
 from export.symbolics import MIN_OPSET
-from models.backbones.swin import SwinStage, shifted_window_mask
 from models.checkpoint import load_checkpoint, quick_hash
 from models.checkpoint_formats import load_any_checkpoint
 from models.mask2former import (
@@ -63,37 +59,6 @@ EXAMPLE_TEXTS = 3
 OPENSEED_LEVELS = ["level0", "level1", "level2", "level3"]  # encoder order [1/8, 1/16, 1/32, 1/64]
 OPENSEED_FEATURES = ["mask_features", *OPENSEED_LEVELS]
 OPENSEED_OUTPUTS = ["pred_logits", "pred_boxes", "pred_masks", "topk_indices"]
-
-
-# ---------------------------------------------------------------------------- export forms
-
-
-def swin_stage_forward(stage: SwinStage, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`SwinStage.forward` with the padded size rounded up as ((h + window - 1) // window) * window.
-
-    The eager form's -(-h // window) traces a floor division of a negative size, which the
-    TorchScript exporter writes as a truncating Div (14 becomes 7 for h = 8, window 7).
-    """
-    h, w = x.shape[1:3]
-    hp = (h + stage.window - 1) // stage.window * stage.window
-    wp = (w + stage.window - 1) // stage.window * stage.window
-    mask = shifted_window_mask(hp, wp, stage.window, stage.shift, x.device).to(x.dtype)
-    for block in stage.blocks:
-        x = block(x, mask)
-    return x, (x if stage.downsample is None else stage.downsample(x))
-
-
-@contextlib.contextmanager
-def export_forms(module: nn.Module) -> Iterator[None]:
-    """Use `swin_stage_forward` for every Swin stage of `module` inside the block."""
-    stages = [sub for sub in module.modules() if isinstance(sub, SwinStage)]
-    for stage in stages:
-        stage.forward = functools.partial(swin_stage_forward, stage)  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        for stage in stages:
-            del stage.forward
 
 
 # ---------------------------------------------------------------------------- OpenSeeD graphs
@@ -233,7 +198,6 @@ FAMILIES: dict[str, Family] = {
             square_sizes,
             frozenset({"text_encoder"}),
             dynamic_size=False,
-            export_forms=export_forms,
         ),
         OpenSeeDConfig,
         OpenSeeDModel,
@@ -249,7 +213,6 @@ FAMILIES: dict[str, Family] = {
             square_sizes,
             frozenset(),
             dynamic_size=False,
-            export_forms=export_forms,
         ),
         Mask2FormerConfig,
         Mask2FormerModel,

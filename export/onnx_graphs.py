@@ -15,7 +15,6 @@ import dataclasses
 import json
 import logging
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,7 +131,6 @@ class GraphSet:
     sizes: Callable[[nn.Module], list[tuple[int, int]]]
     size_free: frozenset[str] = frozenset({"text_encoder"})
     dynamic_size: bool = True
-    export_forms: Callable[[nn.Module], AbstractContextManager[None]] | None = None
 
 
 XDECODER_GRAPHS = GraphSet("xdecoder", graph_specs, example_inputs, default_sizes)
@@ -204,8 +202,7 @@ def export_model(
             size = None if (fixed is None or spec.name in graphs.size_free) else list(fixed)
             file = spec.name + ("" if size is None else f"_{size[0]}x{size[1]}") + ".onnx"
             logger.info("exporting %s", file)
-            with graphs.export_forms(spec.module) if graphs.export_forms else nullcontext():
-                export_graph(spec, inputs[spec.name], out / file, MSDA_FORMS[msda], opset)
+            export_graph(spec, inputs[spec.name], out / file, MSDA_FORMS[msda], opset)
             entries.append(
                 GraphEntry(spec.name, file, file_sha256(out / file), spec.inputs, spec.outputs, size)
             )

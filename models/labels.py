@@ -150,6 +150,10 @@ class LabelSet:
             )
         return indices
 
+    def accepted_names(self) -> list[str]:
+        """Every spelling `select` accepts (normalised full names and unambiguous aliases), sorted."""
+        return sorted(self._lookup)
+
     def valid_labels(self) -> str:
         return ", ".join(self.names)
 

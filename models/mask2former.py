@@ -64,6 +64,8 @@ class Mask2FormerConfig:
     resize: ResizeRule = field(default_factory=lambda: ResizeRule(short=800, max_size=1333))
     # The official config file (under the Mask2Former repository's configs/), for reference.
     official_config: str | None = None
+    # False only for the untrained miniature, which runs with seeded weights and no checkpoint.
+    released: bool = True
 
     @property
     def labels(self) -> LabelSet:
@@ -129,6 +131,37 @@ _CONFIGS: dict[str, Mask2FormerConfig] = {
             "mask2former-swinl-ade20k-semantic",
             SWIN_L_384,
             "maskformer2_swin_large_IN21k_384_bs16_160k_res640",
+        ),
+        # An untrained miniature with the same modules and the COCO panoptic label set (seeded
+        # weights, no checkpoint needed): for tests and smoke runs of the serving path.
+        Mask2FormerConfig(
+            name="mask2former-tiny-coco-panoptic",
+            backbone=SwinConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=7),
+            pixel_decoder=PixelDecoderConfig(
+                name="transformer_encoder_deform",
+                conv_dim=64,
+                mask_dim=64,
+                num_heads=4,
+                dim_feedforward=128,
+                num_encoder_layers=2,
+                norm_groups=8,
+                num_points=4,
+                num_levels=3,
+                level_order="coarse_first",
+                fpn_upsample="bilinear",
+            ),
+            decoder=Mask2FormerDecoderConfig(
+                num_classes=133,
+                hidden_dim=64,
+                num_heads=4,
+                dim_feedforward=128,
+                num_layers=3,
+                num_queries=20,
+                mask_dim=64,
+                in_channels=64,
+            ),
+            resize=ResizeRule(short=256, max_size=384),
+            released=False,
         ),
     )
 }

@@ -67,6 +67,31 @@ class OpenSeeDConfig:
 _CONFIGS: dict[str, OpenSeeDConfig] = {
     # model_state_dict_swint_51.2ap.pt with configs/openseed/openseed_swint_lang.yaml
     "openseed-swint": OpenSeeDConfig(name="openseed-swint", reference_keys="openseed_swint/keys.json"),
+    # An untrained miniature with the same modules (seeded weights, no checkpoint needed): for tests
+    # and smoke runs of the serving path. Its outputs mean nothing.
+    "openseed-tiny": OpenSeeDConfig(
+        name="openseed-tiny",
+        backbone=SwinConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=7),
+        pixel_decoder=PixelDecoderConfig(
+            name="openseed_encoder_deform",
+            conv_dim=64,
+            mask_dim=64,
+            num_heads=4,
+            dim_feedforward=128,
+            num_encoder_layers=2,
+            norm_groups=8,
+            num_points=4,
+            num_levels=4,
+            level_order="fine_first",
+            fpn_upsample="bilinear",
+        ),
+        decoder=OpenSeeDDecoderConfig(
+            hidden_dim=64, num_queries=30, num_layers=2, num_heads=4, dim_feedforward=128, mask_dim=64
+        ),
+        text=TextEncoderConfig(width=64, layers=2, heads=4, context_length=18, projection_dim=64),
+        resize=ResizeRule(short=256, max_size=384),
+        released=False,
+    ),
 }
 
 

@@ -13,12 +13,20 @@
     predictor.embed_texts(texts)                    -> Tensor (N, D)
     predictor.retrieve(images, texts)               -> Tensor (B, N): image x text scores
 
+Other families (`models.model_families`) serve a subset of these tasks through predictors with the
+same methods; `info["tasks"]` lists what a loaded model serves, `info["box_head"]` whether it has
+`detect` and box-head boxes in its segments, `info["vocabulary_in_decoder"]` whether the vocabulary
+changes the decoder (OpenSeeD: requests with different vocabularies cannot share a decoder pass) and
+`info["label_set"]` the closed vocabulary of a closed-set model (None: open vocabulary), with
+`info["label_names_accepted"]` every spelling of its names that a vocabulary may use.
+
 Conventions:
 - `images` is a list of RGB uint8 numpy arrays (H, W, 3), each of its own size; the list goes through
   one batched forward pass with padding and gives the same results as one image at a time.
 - `class_embeddings` is a list with one (C_i, D) tensor per image (rows of `encode_texts`), so images
   with different vocabularies share a batch; "background" is appended inside `segment`.
-  `thing_flags` is a list with one list of C_i bools per image (None: every class is a thing).
+  `thing_flags` is a list with one list of C_i bools per image (None, or a None entry: the model's
+  default, every class a thing for open-vocabulary models).
 - `task` is "semantic", "instance" or "panoptic". `threshold` overrides the task's score threshold.
 - `refer` takes one phrase per image. `multi=False` returns the best match; `multi=True` every
   grounding query whose score passes the threshold, possibly none.
@@ -28,6 +36,7 @@ Conventions:
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +69,8 @@ class Segment:
     """One segment of a segmentation result.
 
     `label_index` indexes the vocabulary the caller passed (background is never returned).
-    `mask` is a bool array (H, W) at the original image size.
+    `mask` is a bool array (H, W) at the original image size. `bbox` is (x, y, w, h) in original-image
+    pixels from a box head; None when the model has none (the service derives it from the mask).
     """
 
     id: int
@@ -68,6 +78,7 @@ class Segment:
     score: float
     isthing: bool
     mask: np.ndarray
+    bbox: tuple[float, float, float, float] | None = None
 
 
 @dataclass
@@ -94,6 +105,23 @@ class ReferringResult:
     phrase: str
     image_size: tuple[int, int]
     matches: list[ReferringMatch] = field(default_factory=list)
+
+
+@dataclass
+class Detection:
+    """One box of a detection result: vocabulary index, score, (x, y, w, h) in original-image pixels."""
+
+    label_index: int
+    score: float
+    bbox: tuple[float, float, float, float]
+
+
+@dataclass
+class DetectionResult:
+    """Result of `detect` for one image, detections sorted by score (highest first)."""
+
+    image_size: tuple[int, int]
+    detections: list[Detection] = field(default_factory=list)
 
 
 logger = logging.getLogger(__name__)
@@ -132,6 +160,22 @@ def build_model(name: str, checkpoint: str | Path | None) -> tuple[XDecoderModel
     return seeded_model(cfg), f"untrained-seed{DEMO_SEED}"
 
 
+def family_predictor(name: str) -> type | None:
+    """The predictor class of a config name outside the X-Decoder family, or None for X-Decoder."""
+    from models.mask2former import mask2former_config_names
+    from models.openseed import openseed_config_names
+
+    if name in openseed_config_names():
+        from models.predictor_openseed import OpenSeeDPredictor
+
+        return OpenSeeDPredictor
+    if name in mask2former_config_names():
+        from models.predictor_mask2former import Mask2FormerPredictor
+
+        return Mask2FormerPredictor
+    return None
+
+
 def seeded_model(cfg: XDecoderConfig, seed: int = DEMO_SEED) -> XDecoderModel:
     """An untrained model with a deterministic initialisation (joint-space projections random, not
     zero, so every output depends on the input)."""
@@ -168,6 +212,9 @@ class Predictor:
     ) -> Predictor:
         """`precision`: fp32 (the reference) | tf32 | bf16 | fp16; `compile`: torch.compile of the
         image encoder, one graph per input size (CUDA graphs on a GPU). See models.precision."""
+        family = family_predictor(name)
+        if family is not None:  # OpenSeeD, Mask2Former: their own predictors, same methods
+            return family.from_config(name, checkpoint, device, runtime, precision, compile)
         if runtime in ("onnxruntime", "tensorrt"):  # an export directory (export/runtime.py)
             from export.runtime import load_for_predictor
 
@@ -195,6 +242,9 @@ class Predictor:
             "name": self.name,
             "model_id": self.model_id,
             "tasks": list(TASKS),
+            "box_head": False,
+            "vocabulary_in_decoder": False,
+            "label_set": None,
             "runtime": self.runtime,
             "device": str(self.device),
             "precision": self.precision,
@@ -256,7 +306,7 @@ class Predictor:
         images: list[np.ndarray],
         class_embeddings: list[torch.Tensor],
         task: str,
-        thing_flags: list[list[bool]] | None = None,
+        thing_flags: list[list[bool] | None] | None = None,
         threshold: float | None = None,
     ) -> list[SegmentationResult]:
         """Open-vocabulary semantic / instance / panoptic segmentation, one vocabulary per image."""
@@ -269,7 +319,11 @@ class Predictor:
             if text.ndim != 2 or text.shape[0] == 0 or text.shape[1] != dim:
                 shape = tuple(text.shape)
                 raise ValueError(f"class_embeddings[{i}] must be (C, {dim}) with C >= 1, got {shape}")
-            if thing_flags is not None and len(thing_flags[i]) != text.shape[0]:
+            if (
+                thing_flags is not None
+                and thing_flags[i] is not None
+                and len(thing_flags[i]) != text.shape[0]
+            ):
                 raise ValueError(f"thing_flags[{i}] needs {text.shape[0]} flags, got {len(thing_flags[i])}")
         batch, features = self._encode(images, "segmentation")
         with self._autocast():
@@ -282,7 +336,8 @@ class Predictor:
             logits = class_logits(head.embeds[i].float(), text, scale)
             rows = mask_rows(task, logits, threshold)  # upsample only the masks the task reads
             masks = self._mask_logits(head.masks[i, rows], batch, i)
-            flags = thing_flags[i] if thing_flags is not None else [True] * (text.shape[0] - 1)
+            flags = [True] * (text.shape[0] - 1) if thing_flags is None else thing_flags[i]
+            flags = [True] * (text.shape[0] - 1) if flags is None else flags
             segments = segments_from_outputs(task, logits[rows], masks, flags, threshold)
             results.append(SegmentationResult(task, batch.original_sizes[i], segments))
         return results
@@ -386,17 +441,7 @@ def segments_from_outputs(
 ) -> list[Segment]:
     """Segments of one image from its class logits (Q, C+1) and mask logits (Q, H, W)."""
     if task == "semantic":
-        sem = semantic_inference(logits, masks)
-        labels = sem.argmax(dim=0)
-        share = sem / sem.sum(dim=0, keepdim=True).clamp_min(1e-12)
-        segments = []
-        for c in labels.unique().tolist():
-            mask = labels == c
-            score = float(share[c][mask].mean())
-            if threshold is not None and score < threshold:
-                continue
-            segments.append(Segment(len(segments) + 1, c, score, bool(thing_flags[c]), mask.cpu().numpy()))
-        return segments
+        return semantic_segments(semantic_inference(logits, masks), thing_flags, threshold)
     if task == "panoptic":
         object_threshold = OBJECT_MASK_THRESHOLD if threshold is None else threshold
         panoptic, info = panoptic_inference(logits, masks, thing_flags, object_threshold, OVERLAP_THRESHOLD)
@@ -410,4 +455,21 @@ def segments_from_outputs(
     for score, label, mask in zip(result["scores"], result["labels"], result["masks"], strict=True):
         if float(score) > minimum and bool(mask.any()):
             segments.append(Segment(len(segments) + 1, int(label), float(score), True, mask.cpu().numpy()))
+    return segments
+
+
+def semantic_segments(
+    sem: torch.Tensor, thing_flags: Sequence[bool], threshold: float | None
+) -> list[Segment]:
+    """One segment per class that wins pixels of the per-class maps (C, H, W); its score is the mean
+    share of its class map over its pixels (segments below `threshold` are dropped)."""
+    labels = sem.argmax(dim=0)
+    share = sem / sem.sum(dim=0, keepdim=True).clamp_min(1e-12)
+    segments = []
+    for c in labels.unique().tolist():
+        mask = labels == c
+        score = float(share[c][mask].mean())
+        if threshold is not None and score < threshold:
+            continue
+        segments.append(Segment(len(segments) + 1, c, score, bool(thing_flags[c]), mask.cpu().numpy()))
     return segments

@@ -39,7 +39,7 @@ from service.settings import Settings
 logger = logging.getLogger("openset.access")
 FieldsT = TypeVar("FieldsT", bound=BaseModel)
 
-TASK_ROUTES = ("segment", "refer", "caption", "retrieve", "embed")
+TASK_ROUTES = ("segment", "detect", "refer", "caption", "retrieve", "embed")
 ALIASES = {f"/{name}": f"/v1/{name}" for name in TASK_ROUTES}
 KNOWN_PATHS = {*ALIASES.values(), "/v1/models", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"}
 OFFLOAD_BYTES = 512 * 1024  # larger JSON bodies are parsed and base64-decoded off the event loop
@@ -354,6 +354,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         {"image": image, "vocabulary": ["person", "dog", "grass"], "task": "panoptic", "stuff": ["grass"]},
         lambda call, params, images: gateway.segment(call, params, one_image(images)),
         "Open-vocabulary panoptic, semantic or instance segmentation",
+    )
+    task_route(
+        "detect",
+        schemas.DetectFields,
+        "image",
+        schemas.DetectResponse,
+        {"image": image, "vocabulary": ["person", "dog"], "max_detections": 20},
+        lambda call, params, images: gateway.detect(call, params, one_image(images)),
+        "Open-vocabulary detection: boxes, labels and scores (models with a box head)",
     )
     task_route(
         "refer",

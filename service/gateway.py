@@ -7,6 +7,7 @@ fields plus the raw image bytes and returns the response body; failures raise `A
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from dataclasses import dataclass, field
 
@@ -18,7 +19,14 @@ from service.errors import ApiError, bad_request
 from service.images import inspect_image, size_bucket
 from service.metrics import Metrics
 from service.pool import Job, WorkerPool
-from service.schemas import CaptionFields, EmbedFields, ReferFields, RetrieveFields, SegmentFields
+from service.schemas import (
+    CaptionFields,
+    DetectFields,
+    EmbedFields,
+    ReferFields,
+    RetrieveFields,
+    SegmentFields,
+)
 from service.settings import Settings
 
 
@@ -150,17 +158,53 @@ class Gateway:
 
     # -- tasks -------------------------------------------------------------------------------------
 
-    async def segment(self, call: Call, fields: SegmentFields, image: bytes) -> dict:
-        self.check_model(fields.model)
-        if not fields.vocabulary:
+    def check_task(self, task: str) -> None:
+        """400 when the loaded model does not serve `task` (e.g. captioning on a segmentation-only model)."""
+        tasks = self.pool.info.get("tasks")
+        if tasks is not None and task not in tasks:
+            raise bad_request(
+                "unsupported_task",
+                f"Model {self.settings.model!r} does not serve {task!r}; it serves: {', '.join(tasks)}.",
+            )
+
+    def check_vocabulary(self, vocabulary: list[str]) -> tuple[list[str], list[str]]:
+        """(labels as sent, stripped; their normalised forms) of a valid vocabulary, else 400.
+
+        A closed-set model (its `label_set`) accepts only names of its label set."""
+        if not vocabulary:
             raise bad_request("invalid_vocabulary", "The vocabulary is empty; send at least one class name.")
-        if len(fields.vocabulary) > self.settings.max_vocabulary:
+        if len(vocabulary) > self.settings.max_vocabulary:
             raise bad_request(
                 "invalid_vocabulary",
-                f"{len(fields.vocabulary)} class names sent; the limit is {self.settings.max_vocabulary}.",
+                f"{len(vocabulary)} class names sent; the limit is {self.settings.max_vocabulary}.",
             )
-        labels = [self.check_text(name, "class_name") for name in fields.vocabulary]
+        labels = [self.check_text(name, "class_name") for name in vocabulary]
         normalised = [normalise_text(name) for name in labels]
+        label_set = self.pool.info.get("label_set")
+        if label_set:
+            accepted = self.pool.info.get("label_names_accepted") or label_set
+            known = {normalise_text(name) for name in accepted}
+            unknown = [label for label, name in zip(labels, normalised, strict=True) if name not in known]
+            if unknown:
+                raise bad_request(
+                    "unknown_class",
+                    f"Model {self.settings.model!r} has a closed vocabulary; not in its label set: "
+                    f"{unknown}. Valid names: {', '.join(label_set)}.",
+                )
+        return labels, normalised
+
+    def vocabulary_bucket(self, bucket: str, normalised: list[str]) -> str:
+        """Where the vocabulary changes the decoder (OpenSeeD's query selection), requests batch only
+        with requests of the same vocabulary: the bucket carries a digest of it."""
+        if not self.pool.info.get("vocabulary_in_decoder"):
+            return bucket
+        digest = hashlib.sha256("\n".join(normalised).encode()).hexdigest()[:16]
+        return f"{bucket}/vocab-{digest}"
+
+    async def segment(self, call: Call, fields: SegmentFields, image: bytes) -> dict:
+        self.check_model(fields.model)
+        self.check_task(fields.task)
+        labels, normalised = self.check_vocabulary(fields.vocabulary)
         stuff = {normalise_text(name) for name in fields.stuff}
         unknown = stuff - set(normalised)
         if unknown:
@@ -171,16 +215,35 @@ class Gateway:
             "image": image,
             "embeddings": embeddings,
             "labels": labels,
-            "thing_flags": [name not in stuff for name in normalised],
+            # None: the model's default (open vocabulary: all things; closed: its label set's split)
+            "thing_flags": [name not in stuff for name in normalised] if stuff else None,
             "threshold": fields.threshold,
             "mask_format": fields.mask_format,
         }
         options = {"segment_task": fields.task}
+        bucket = self.vocabulary_bucket(bucket, normalised)
         body = await self.run_job(call, "segment", fields.task, bucket, item, options)
         return self.finish(call, body)
 
+    async def detect(self, call: Call, fields: DetectFields, image: bytes) -> dict:
+        self.check_model(fields.model)
+        self.check_task("detect")
+        labels, normalised = self.check_vocabulary(fields.vocabulary)
+        bucket, _ = self.image_bucket(image)
+        embeddings = await self.text_embeddings(call, normalised)
+        item = {
+            "image": image,
+            "embeddings": embeddings,
+            "labels": labels,
+            "threshold": fields.threshold,
+            "max_detections": fields.max_detections,
+        }
+        bucket = self.vocabulary_bucket(bucket, normalised)
+        return self.finish(call, await self.run_job(call, "detect", "detect", bucket, item))
+
     async def refer(self, call: Call, fields: ReferFields, image: bytes) -> dict:
         self.check_model(fields.model)
+        self.check_task("refer")
         phrase = self.check_text(fields.phrase, "phrase")
         bucket, _ = self.image_bucket(image)
         item = {
@@ -194,11 +257,13 @@ class Gateway:
 
     async def caption(self, call: Call, fields: CaptionFields, image: bytes) -> dict:
         self.check_model(fields.model)
+        self.check_task("caption")
         bucket, _ = self.image_bucket(image)
         return self.finish(call, await self.run_job(call, "caption", "caption", bucket, {"image": image}))
 
     async def retrieve(self, call: Call, fields: RetrieveFields, images: list[bytes]) -> dict:
         self.check_model(fields.model)
+        self.check_task("retrieve")
         if not images or not fields.texts:
             raise bad_request("invalid_request", "Send at least one image and one text.")
         self.check_count(len(images), "images")
@@ -211,6 +276,7 @@ class Gateway:
 
     async def embed(self, call: Call, fields: EmbedFields, images: list[bytes]) -> dict:
         self.check_model(fields.model)
+        self.check_task("embed")
         if bool(images) == bool(fields.texts):
             raise bad_request("invalid_request", "Send either texts or images (one of them, not both).")
         if images:

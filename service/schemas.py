@@ -61,6 +61,14 @@ class SegmentFields(Fields):
     timeout: Timeout = None
 
 
+class DetectFields(Fields):
+    vocabulary: NameList = Field(description="Class names: comma-separated, or a JSON list.")
+    max_detections: int = Field(100, ge=1, le=300, description="At most this many boxes, best first.")
+    model: ModelName = None
+    threshold: Threshold = None
+    timeout: Timeout = None
+
+
 class ReferFields(Fields):
     phrase: str = Field(description="The referring expression.")
     multi: bool = Field(False, description="False: the best match; true: every match above the threshold.")
@@ -111,6 +119,10 @@ class Rle(BaseModel):
 
 Mask = Rle | str | list[list[float]]
 MASK_DESCRIPTION = "rle: COCO RLE; png: base64 1-bit PNG; polygon: list of [x1, y1, x2, y2, ...] outlines."
+BOX_DESCRIPTION = (
+    "[x, y, w, h] in pixels of the original image: from the model's box head where it has one "
+    "(sub-pixel, clipped to the image), else the mask's bounding box (whole pixels)."
+)
 TIMINGS_DESCRIPTION = (
     "Milliseconds: text (embedding lookup), queue, decode, inference (the batch), postprocess, "
     "worker (decode + inference + postprocess) and total (in the gateway)."
@@ -123,7 +135,7 @@ class SegmentOut(BaseModel):
     label_index: int = Field(description="Index into the request's vocabulary.")
     score: float
     isthing: bool
-    bbox: list[int] = Field(description="[x, y, w, h] in pixels of the original image.")
+    bbox: list[float] = Field(description=BOX_DESCRIPTION)
     area: int
     mask: Mask = Field(description=MASK_DESCRIPTION)
 
@@ -133,6 +145,20 @@ class SegmentResponse(BaseModel):
     task: str
     image: ImageSize
     segments: list[SegmentOut]
+    timings_ms: dict[str, float] = Field(description=TIMINGS_DESCRIPTION)
+
+
+class DetectionOut(BaseModel):
+    label: str
+    label_index: int = Field(description="Index into the request's vocabulary.")
+    score: float
+    bbox: list[float] = Field(description=BOX_DESCRIPTION)
+
+
+class DetectResponse(BaseModel):
+    model: str
+    image: ImageSize
+    detections: list[DetectionOut] = Field(description="Best first.")
     timings_ms: dict[str, float] = Field(description=TIMINGS_DESCRIPTION)
 
 

@@ -66,6 +66,13 @@ def worker_main(conn: Connection, config: dict) -> None:
         )
 
 
+def clip_box(box: tuple[float, float, float, float], width: int, height: int) -> list[float]:
+    """(x, y, w, h) from a box head, which may reach past the image, clipped to it (2 decimals)."""
+    x0, y0 = min(max(box[0], 0.0), width), min(max(box[1], 0.0), height)
+    x1, y1 = min(max(box[0] + box[2], 0.0), width), min(max(box[1] + box[3], 0.0), height)
+    return [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)]
+
+
 def item_error(status: int, code: str, message: str) -> dict:
     return {"ok": False, "status": status, "code": code, "message": message}
 
@@ -92,6 +99,7 @@ class BatchRunner:
         self.handlers: dict[str, Callable[[dict, list[dict]], list[dict]]] = {
             "encode_text": self.encode_text,
             "segment": self.segment,
+            "detect": self.detect,
             "refer": self.refer,
             "caption": self.caption,
             "retrieve": self.retrieve,
@@ -101,18 +109,31 @@ class BatchRunner:
 
     def info(self) -> dict:
         info = dict(self.predictor.info)
-        info.setdefault("embedding_dim", int(self.predictor.encode_texts(["object"]).shape[-1]))
+        if "embedding_dim" not in info:
+            info["embedding_dim"] = int(self.predictor.encode_texts(["object"]).shape[-1])
         return info
 
     def warm_up(self) -> None:
-        """One pass of every task on a small synthetic image, so the first request is not slow."""
+        """One pass of every task the model serves on a small synthetic image, so the first request
+        is not slow."""
         image = np.linspace(0, 255, 64 * 64 * 3).astype(np.uint8).reshape(64, 64, 3)
-        embeddings = self.predictor.encode_texts(["object", "background"])
+        info = self.predictor.info
+        tasks = set(info["tasks"])
+        names = list(info.get("label_set") or ["object", "background"])[:2]
+        embeddings = self.predictor.encode_texts(names)
         with self.torch.inference_mode():
-            self.predictor.segment([image], [embeddings], "panoptic")
-            self.predictor.refer([image], ["the object"])
-            self.predictor.caption([image])
-            self.predictor.retrieve([image], ["an object"])
+            for task in ("panoptic", "semantic", "instance"):
+                if task in tasks:
+                    self.predictor.segment([image], [embeddings], task)
+                    break
+            if "detect" in tasks:
+                self.predictor.detect([image], [embeddings])
+            if "refer" in tasks:
+                self.predictor.refer([image], ["the object"])
+            if "caption" in tasks:
+                self.predictor.caption([image])
+            if "retrieve" in tasks:
+                self.predictor.retrieve([image], ["an object"])
 
     def run(self, task: str, options: dict, items: list[dict]) -> list[dict]:
         try:
@@ -192,8 +213,11 @@ class BatchRunner:
                 start = time.perf_counter()
                 item = items[good[k]]
                 segments = []
+                height, width = output.image_size
                 for segment in output.segments:
                     box, area = mask_box_and_area(segment.mask)
+                    if segment.bbox is not None:
+                        box = clip_box(segment.bbox, width, height)
                     segments.append(
                         {
                             "id": int(segment.id),
@@ -206,12 +230,39 @@ class BatchRunner:
                             "mask": encode_mask(segment.mask, item["mask_format"]),
                         }
                     )
-                height, width = output.image_size
                 body = {
                     "task": output.task,
                     "image": {"width": width, "height": height},
                     "segments": segments,
                 }
+                self._finish(results, good[k], body, inference_ms, start)
+        return results
+
+    def detect(self, options: dict, items: list[dict]) -> list[dict]:
+        good, images, results = self._decode(items)
+        for threshold in dict.fromkeys(items[i].get("threshold") for i in good):
+            group = [k for k, i in enumerate(good) if items[i].get("threshold") == threshold]
+            start = time.perf_counter()
+            outputs = self.predictor.detect(
+                [images[k] for k in group],
+                [self.torch.from_numpy(items[good[k]]["embeddings"]) for k in group],
+                threshold=threshold,
+            )
+            inference_ms = (time.perf_counter() - start) * 1e3
+            for k, output in zip(group, outputs, strict=True):
+                start = time.perf_counter()
+                item = items[good[k]]
+                height, width = output.image_size
+                detections = [
+                    {
+                        "label": item["labels"][d.label_index],
+                        "label_index": int(d.label_index),
+                        "score": round(float(d.score), 5),
+                        "bbox": clip_box(d.bbox, width, height),
+                    }
+                    for d in output.detections[: item["max_detections"]]
+                ]
+                body = {"image": {"width": width, "height": height}, "detections": detections}
                 self._finish(results, good[k], body, inference_ms, start)
         return results
 

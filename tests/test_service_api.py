@@ -352,6 +352,20 @@ BAD_INPUTS = [
         400,
         "invalid_request",
     ),
+    (
+        "detect_without_box_head",
+        "/v1/detect",
+        {"json": {"image": b64(image_bytes()), "vocabulary": ["a"]}},
+        400,
+        "unsupported_task",
+    ),
+    (
+        "detect_too_many_boxes",
+        "/v1/detect",
+        {"json": {"image": b64(image_bytes()), "vocabulary": ["a"], "max_detections": 301}},
+        422,
+        "validation_error",
+    ),
     ("unknown_route", "/v1/nothing", {"json": {}}, 404, "not_found"),
 ]
 

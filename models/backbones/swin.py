@@ -178,7 +178,10 @@ class SwinStage(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, H, W, C) -> the stage output (B, H, W, C) and the input of the next stage."""
         h, w = x.shape[1:3]
-        hp, wp = -(-h // self.window) * self.window, -(-w // self.window) * self.window
+        # Rounded up as (h + window - 1) // window: the ONNX exporter writes a floor division of a
+        # negative number as a truncating one.
+        hp = (h + self.window - 1) // self.window * self.window
+        wp = (w + self.window - 1) // self.window * self.window
         mask = shifted_window_mask(hp, wp, self.window, self.shift, x.device).to(x.dtype)
         for block in self.blocks:
             x = block(x, mask)

@@ -1,0 +1,170 @@
+"""The Predictor of Mask2Former models: closed-vocabulary semantic / instance / panoptic segmentation.
+
+    predictor = Mask2FormerPredictor.from_config("mask2former-swint-coco-panoptic", checkpoint=PATH)
+    predictor.encode_texts(names)                       -> (N, K) one-hot rows of the label set
+    predictor.segment(images, class_embeddings, task)  -> list[SegmentationResult]
+
+The vocabulary is a choice among the K classes of the model's label set (`models.labels`): unknown
+names raise a `ValueError` naming the valid ones. `encode_texts` returns one-hot rows so that the
+service's text path (cache, batching) works unchanged; `segment` reads each image's requested class
+indices from them and restricts the logits with `models.labels.select_class_logits`, so the
+probabilities of the requested classes are those of the full label set.
+
+Postprocessing is the X-Decoder one (softmax with a no-object column, thresholds 0.8 / 0.8, top-100
+instances) with detectron2's bilinear mask resizing. The released models pad a batch to its largest
+image without a padding mask, so images run in groups of equal padded size, as alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.checkpoint import quick_hash
+from models.checkpoint_formats import load_any_checkpoint
+from models.labels import select_class_logits
+from models.mask2former import Mask2FormerModel, get_mask2former_config
+from models.precision import check_precision, precision_context, prepare_model
+from models.predictor import DEMO_SEED, SegmentationResult, segments_from_outputs
+from models.preprocess import batch_images
+
+logger = logging.getLogger(__name__)
+
+SEGMENT_TASKS = ("semantic", "instance", "panoptic")
+
+
+def resize_mask_logits_bilinear(
+    masks: torch.Tensor, padded_hw: tuple[int, int], image_hw: tuple[int, int], output_hw: tuple[int, int]
+) -> torch.Tensor:
+    """(Q, h, w) -> (Q, H, W): bilinear to the padded input, crop, bilinear to the original size
+    (detectron2's `sem_seg_postprocess`, align_corners=False)."""
+    x = F.interpolate(masks[None].float(), size=tuple(padded_hw), mode="bilinear", align_corners=False)
+    x = x[:, :, : image_hw[0], : image_hw[1]]
+    return F.interpolate(x, size=tuple(output_hw), mode="bilinear", align_corners=False)[0]
+
+
+def build_mask2former(name: str, checkpoint: str | Path | None) -> tuple[Mask2FormerModel, str]:
+    """The model of config `name` with its weights (a seeded initialisation without a checkpoint,
+    with a warning), and the weights' identity. `.pkl` and Hugging Face safetensors layouts are read
+    by `models.checkpoint_formats`."""
+    cfg = get_mask2former_config(name)
+    if checkpoint is None and cfg.released:
+        raise ValueError(
+            f"model {name!r} needs a checkpoint: pass checkpoint=PATH (the service setting is "
+            "OPENSET_CHECKPOINT) pointing at the released .pkl, .safetensors or .pt file"
+        )
+    with torch.random.fork_rng():
+        torch.manual_seed(DEMO_SEED)
+        model = Mask2FormerModel(cfg)
+    if checkpoint is None:
+        logger.warning("model %r has no weights: using an untrained, seeded initialisation", name)
+        return model.eval(), f"untrained-seed{DEMO_SEED}"
+    load_any_checkpoint(model, checkpoint)
+    return model.eval(), quick_hash(weights_file(Path(checkpoint)))[:12]
+
+
+def weights_file(path: Path) -> Path:
+    """The file that identifies a checkpoint: itself, or the safetensors of a `save_pretrained` folder."""
+    return path / "model.safetensors" if path.is_dir() else path
+
+
+class Mask2FormerPredictor:
+    """One loaded Mask2Former model (see the module docstring)."""
+
+    def __init__(
+        self, model: Mask2FormerModel, name: str, weights_id: str, device: str, precision: str
+    ) -> None:
+        self.model = model
+        self.name = name
+        self.device = torch.device(device)
+        self.runtime = "torch"
+        self.precision = precision
+        self.model_id = f"{name}@{weights_id}"
+
+    @classmethod
+    def from_config(
+        cls,
+        name: str,
+        checkpoint: str | Path | None = None,
+        device: str = "cpu",
+        runtime: str = "torch",
+        precision: str = "fp32",
+        compile: bool = False,
+    ) -> Mask2FormerPredictor:
+        if runtime != "torch":
+            raise ValueError(f"Mask2Former models run on the torch runtime only (got {runtime!r})")
+        check_precision(precision)
+        model, weights_id = build_mask2former(name, checkpoint)
+        model = model.to(device)
+        prepare_model(model, precision, compile=False, device=device)
+        return cls(model, name, weights_id, device, precision)
+
+    @property
+    def info(self) -> dict:
+        cfg = self.model.cfg
+        return {
+            "name": self.name,
+            "model_id": self.model_id,
+            "family": "mask2former",
+            "tasks": list(SEGMENT_TASKS),
+            "box_head": False,
+            "vocabulary_in_decoder": False,
+            "label_set": list(cfg.labels.names),
+            "label_names_accepted": cfg.labels.accepted_names(),
+            "runtime": self.runtime,
+            "device": str(self.device),
+            "precision": self.precision,
+            "input_sizes": {"segmentation": {"short": cfg.resize.short, "max": cfg.resize.max_size}},
+            "num_queries": cfg.decoder.num_queries,
+            "embedding_dim": len(cfg.labels),
+        }
+
+    def encode_texts(self, names: list[str]) -> torch.Tensor:
+        """Class names of the label set -> (N, K) one-hot rows; `ValueError` for unknown names."""
+        indices = self.model.select_vocabulary(list(names))
+        return F.one_hot(torch.tensor(indices), len(self.model.labels)).float()
+
+    @torch.inference_mode()
+    def segment(
+        self,
+        images: list[np.ndarray],
+        class_embeddings: list[torch.Tensor],
+        task: str,
+        thing_flags: list[list[bool] | None] | None = None,
+        threshold: float | None = None,
+    ) -> list[SegmentationResult]:
+        """Segmentation restricted to each image's requested classes (rows of `encode_texts`).
+        Without `thing_flags`, the label set's own thing/stuff split is used."""
+        if task not in SEGMENT_TASKS:
+            raise ValueError(f"unknown segmentation task {task!r}; use one of {', '.join(SEGMENT_TASKS)}")
+        if len(class_embeddings) != len(images):
+            raise ValueError("class_embeddings needs one (C_i, K) tensor per image")
+        labels = self.model.labels
+        selected = []
+        for i, rows in enumerate(class_embeddings):
+            if rows.ndim != 2 or rows.shape[0] == 0 or rows.shape[1] != len(labels):
+                raise ValueError(f"class_embeddings[{i}] must be (C, {len(labels)}) rows of encode_texts")
+            selected.append(rows.argmax(dim=1).tolist())
+        batch = batch_images(images, self.model.cfg.resize)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, size in enumerate(batch.padded_sizes):
+            by_size.setdefault(size, []).append(i)
+        results: list[SegmentationResult | None] = [None] * len(images)
+        for (ph, pw), indices in by_size.items():
+            tensor = batch.tensor[indices, :, :ph, :pw].to(self.device)
+            with precision_context(self.precision, self.device):
+                logits, masks = self.model(tensor)
+            for k, i in enumerate(indices):
+                class_logits = select_class_logits(logits[k].float(), selected[i])
+                resized = resize_mask_logits_bilinear(
+                    masks[k], (ph, pw), batch.image_sizes[i], batch.original_sizes[i]
+                )
+                flags = None if thing_flags is None else thing_flags[i]
+                flags = [labels.isthing[c] for c in selected[i]] if flags is None else flags
+                segments = segments_from_outputs(task, class_logits, resized, flags, threshold)
+                results[i] = SegmentationResult(task, batch.original_sizes[i], segments)
+        return [r for r in results if r is not None]
