@@ -7,7 +7,6 @@ fields plus the raw image bytes and returns the response body; failures raise `A
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from dataclasses import dataclass, field
 
@@ -193,14 +192,6 @@ class Gateway:
                 )
         return labels, normalised
 
-    def vocabulary_bucket(self, bucket: str, normalised: list[str]) -> str:
-        """Where the vocabulary changes the decoder (OpenSeeD's query selection), requests batch only
-        with requests of the same vocabulary: the bucket carries a digest of it."""
-        if not self.pool.info.get("vocabulary_in_decoder"):
-            return bucket
-        digest = hashlib.sha256("\n".join(normalised).encode()).hexdigest()[:16]
-        return f"{bucket}/vocab-{digest}"
-
     async def segment(self, call: Call, fields: SegmentFields, image: bytes) -> dict:
         self.check_model(fields.model)
         self.check_task(fields.task)
@@ -221,7 +212,6 @@ class Gateway:
             "mask_format": fields.mask_format,
         }
         options = {"segment_task": fields.task}
-        bucket = self.vocabulary_bucket(bucket, normalised)
         body = await self.run_job(call, "segment", fields.task, bucket, item, options)
         return self.finish(call, body)
 
@@ -238,7 +228,6 @@ class Gateway:
             "threshold": fields.threshold,
             "max_detections": fields.max_detections,
         }
-        bucket = self.vocabulary_bucket(bucket, normalised)
         return self.finish(call, await self.run_job(call, "detect", "detect", bucket, item))
 
     async def refer(self, call: Call, fields: ReferFields, image: bytes) -> dict:
