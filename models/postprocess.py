@@ -4,7 +4,7 @@ Shapes: Q queries (101 in segmentation, the class query included), C classes (th
 background column is the last of C + 1 logits), (h, w) the mask resolution of the head (1/4 of the
 padded input), (H, W) the output size (the original image).
 
-    resize_mask_logits     (Q, h, w) -> (Q, H, W)            bicubic + antialias, crop, resize
+    resize_mask_logits     (Q, h, w) -> (Q, H, W)            upsample, crop, resize (each bicubic or bilinear)
     semantic_inference     (Q, C+1), (Q, H, W) -> (C, H, W)
     panoptic_inference     (Q, C+1), (Q, H, W) -> id map (H, W) int32, segments_info
     instance_inference     (Q, C+1), (Q, H, W) -> scores, labels, query_indices, masks (K, H, W)
@@ -28,17 +28,27 @@ def resize_mask_logits(
     padded_hw: tuple[int, int],
     image_hw: tuple[int, int],
     output_hw: tuple[int, int],
+    upsample: str = "bicubic",
+    final: str = "bicubic",
 ) -> torch.Tensor:
-    """Mask logits (Q, h, w) of a padded input -> (Q, H, W) at the original image size.
+    """Mask logits (Q, h, w) of a padded input -> (Q, H, W) at the original image size, in float32.
 
     Upsample to the padded input size `padded_hw`, crop to the unpadded network input `image_hw`,
-    resize to `output_hw`; both resizes are bicubic with antialias (align_corners=False).
+    resize to `output_hw`. Each resize is "bicubic" (with antialias) or "bilinear" (without), always
+    align_corners=False: X-Decoder uses bicubic twice, OpenSeeD bilinear then bicubic, Mask2Former
+    (detectron2's `sem_seg_postprocess`) bilinear twice.
     """
-    x = mask_logits.unsqueeze(0)
-    x = F.interpolate(x, size=tuple(padded_hw), mode="bicubic", align_corners=False, antialias=True)
+    x = mask_logits.float().unsqueeze(0)
+    x = F.interpolate(x, size=tuple(padded_hw), **_RESIZE[upsample])
     x = x[:, :, : image_hw[0], : image_hw[1]]
-    x = F.interpolate(x, size=tuple(output_hw), mode="bicubic", align_corners=False, antialias=True)
+    x = F.interpolate(x, size=tuple(output_hw), **_RESIZE[final])
     return x[0]
+
+
+_RESIZE = {
+    "bicubic": {"mode": "bicubic", "align_corners": False, "antialias": True},
+    "bilinear": {"mode": "bilinear", "align_corners": False},
+}
 
 
 def semantic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> torch.Tensor:

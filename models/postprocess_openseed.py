@@ -1,10 +1,11 @@
 """Postprocessing of OpenSeeD outputs: pure functions on torch tensors, one image at a time.
 
-OpenSeeD classifies with sigmoids (no background class): scores are σ(logits), and semantic and
-panoptic sharpen them with a softmax at temperature 0.06 over the classes. Shapes: Q queries, C
-classes, (h, w) the mask resolution (1/4 of the padded input), (H, W) the original image size.
+Masks are resized by `models.postprocess.resize_mask_logits(..., upsample="bilinear")` (bilinear to
+the padded input, crop, bicubic with antialias to the original size). OpenSeeD classifies with
+sigmoids (no background class): scores are σ(logits), and semantic and panoptic sharpen them with a
+softmax at temperature 0.06 over the classes. Shapes: Q queries, C classes, (h, w) the mask
+resolution (1/4 of the padded input), (H, W) the original image size.
 
-    resize_mask_logits     (Q, h, w) -> (Q, H, W)   bilinear to padded, crop, bicubic + antialias
     boxes_to_original      (Q, 4) cxcywh of the padded input -> (Q, 4) xyxy original pixels
     semantic_inference     (Q, C), (Q, H, W) -> (C, H, W)
     panoptic_inference     (Q, C), (Q, H, W) -> id map (H, W) int32, segments_info
@@ -32,24 +33,6 @@ class OpenSeeDPostprocessConfig:
     overlap_threshold: float = 0.8
     temperature: float = 0.06
     top_k: int = 100
-
-
-def resize_mask_logits(
-    mask_logits: torch.Tensor,
-    padded_hw: tuple[int, int],
-    image_hw: tuple[int, int],
-    output_hw: tuple[int, int],
-) -> torch.Tensor:
-    """Mask logits (Q, h, w) of a padded input -> (Q, H, W) at the original size `output_hw`.
-
-    Bilinear (align_corners=False) upsample to the padded size, crop to the resized image
-    `image_hw`, then bicubic with antialias to `output_hw`; computed in float32.
-    """
-    x = mask_logits.float().unsqueeze(0)
-    x = F.interpolate(x, size=tuple(padded_hw), mode="bilinear", align_corners=False)
-    x = x[:, :, : image_hw[0], : image_hw[1]]
-    x = F.interpolate(x, size=tuple(output_hw), mode="bicubic", align_corners=False, antialias=True)
-    return x[0]
 
 
 def boxes_to_original(

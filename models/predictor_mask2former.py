@@ -28,6 +28,7 @@ from models.checkpoint import quick_hash
 from models.checkpoint_formats import load_any_checkpoint
 from models.labels import select_class_logits
 from models.mask2former import Mask2FormerModel, get_mask2former_config
+from models.postprocess import resize_mask_logits
 from models.precision import check_precision, precision_context, prepare_model
 from models.predictor import DEMO_SEED, SegmentationResult, segments_from_outputs
 from models.preprocess import batch_images
@@ -35,16 +36,6 @@ from models.preprocess import batch_images
 logger = logging.getLogger(__name__)
 
 SEGMENT_TASKS = ("semantic", "instance", "panoptic")
-
-
-def resize_mask_logits_bilinear(
-    masks: torch.Tensor, padded_hw: tuple[int, int], image_hw: tuple[int, int], output_hw: tuple[int, int]
-) -> torch.Tensor:
-    """(Q, h, w) -> (Q, H, W): bilinear to the padded input, crop, bilinear to the original size
-    (detectron2's `sem_seg_postprocess`, align_corners=False)."""
-    x = F.interpolate(masks[None].float(), size=tuple(padded_hw), mode="bilinear", align_corners=False)
-    x = x[:, :, : image_hw[0], : image_hw[1]]
-    return F.interpolate(x, size=tuple(output_hw), mode="bilinear", align_corners=False)[0]
 
 
 def build_mask2former(name: str, checkpoint: str | Path | None) -> tuple[Mask2FormerModel, str]:
@@ -160,8 +151,8 @@ class Mask2FormerPredictor:
                 logits, masks = self.model(tensor)
             for k, i in enumerate(indices):
                 class_logits = select_class_logits(logits[k].float(), selected[i])
-                resized = resize_mask_logits_bilinear(
-                    masks[k], (ph, pw), batch.image_sizes[i], batch.original_sizes[i]
+                resized = resize_mask_logits(
+                    masks[k], (ph, pw), batch.image_sizes[i], batch.original_sizes[i], "bilinear", "bilinear"
                 )
                 flags = None if thing_flags is None else thing_flags[i]
                 flags = [labels.isthing[c] for c in selected[i]] if flags is None else flags

@@ -30,6 +30,7 @@ from models.checkpoint import load_checkpoint, quick_hash
 from models.configs import ResizeRule
 from models.language.tokenizer import ClipTokenizer
 from models.openseed import OpenSeeDModel, get_openseed_config
+from models.postprocess import resize_mask_logits
 from models.precision import check_precision, precision_context, prepare_model
 from models.predictor import (
     DEMO_SEED,
@@ -232,8 +233,8 @@ class OpenSeeDPredictor:
             flags = None if thing_flags is None else thing_flags[i]
             flags = [True] * output.logits.shape[-1] if flags is None else flags
             assert output.masks is not None
-            masks = post.resize_mask_logits(
-                output.masks, image.padded_size, image.image_size, image.original_size
+            masks = resize_mask_logits(
+                output.masks, image.padded_size, image.image_size, image.original_size, upsample="bilinear"
             )
             if task == "semantic":
                 segments = semantic_segments(

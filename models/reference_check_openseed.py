@@ -34,12 +34,12 @@ from models.language.prompts import prompts_for
 from models.language.tokenizer import ClipTokenizer
 from models.openseed import OpenSeeDModel, get_openseed_config
 from models.pixel_decoders.fpn_encoder import sine_position_embedding
+from models.postprocess import resize_mask_logits
 from models.postprocess_openseed import (
     boxes_to_original,
     detection_inference,
     instance_inference,
     panoptic_inference,
-    resize_mask_logits,
     semantic_inference,
 )
 from models.preprocess import normalize
@@ -208,7 +208,7 @@ def run_model(model: OpenSeeDModel, case: dict, npz: Any) -> tuple[dict[str, Any
     arrays["out.pred_masks_top10_queries"] = top10
     arrays["out.pred_masks_top10"] = masks[top10]
 
-    resized_masks = resize_mask_logits(masks, padded_hw, resized_hw, original_hw)
+    resized_masks = resize_mask_logits(masks, padded_hw, resized_hw, original_hw, upsample="bilinear")
     arrays["post.mask_pred_resized"] = resized_masks
     sem = semantic_inference(logits, resized_masks, post_cfg.temperature)
     arrays["post.sem_seg"] = sem

@@ -91,7 +91,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             for _ in range(NUM_LEVELS)
         )
         self.class_embed = nn.Linear(d, cfg.num_classes + 1)
-        self.mask_embed = MLP(d, 3)
+        self.mask_embed = MLP(d, d, cfg.mask_dim, 3)
 
     def heads(self, output: torch.Tensor, mask_features: torch.Tensor, size: tuple[int, int]) -> HeadOutput:
         """Prediction heads on the decoder state output (Q, B, D); the attention mask targets `size`."""

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.decoders.xdecoder import MLP
 from models.language.text_encoder import LanguageEncoder, TextEncoderConfig
 from models.ops import MSDeformAttn
 
@@ -48,22 +49,6 @@ class OpenSeeDDecoderConfig:
     num_points: int = 4
     mask_dim: int = 256
     proposal_base_size: float = 0.05  # proposal w = h = base * 2**level (decoder level order)
-
-
-class MLP(nn.Module):
-    """`layers.i` Linear layers with ReLU between them: in -> hidden ... -> out."""
-
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> None:
-        super().__init__()
-        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = F.relu(x)
-        return x
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

@@ -51,11 +51,13 @@ def resize_bicubic_aa(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 class MLP(nn.Module):
-    """`mask_embed`: Linear layers with ReLU between them."""
+    """`layers.i`: `num_layers` Linear layers with ReLU between them, in -> hidden ... -> out
+    (`mask_embed` here and in Mask2Former; OpenSeeD's box head and `ref_point_head`)."""
 
-    def __init__(self, dim: int, num_layers: int) -> None:
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(dim, dim) for _ in range(num_layers))
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
@@ -214,7 +216,7 @@ class XDecoder(nn.Module):
         self.query_feat = nn.Embedding(cfg.num_queries, d)
         self.query_embed = nn.Embedding(cfg.num_queries, d)
         self.level_embed = nn.Embedding(cfg.num_feature_levels, d)
-        self.mask_embed = MLP(d, 3)
+        self.mask_embed = MLP(d, d, d, 3)
         self.pos_embed_caping = nn.Embedding(cfg.context_length, projection_dim)
 
     # ------------------------------------------------------------------ memory and heads
