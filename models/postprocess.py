@@ -75,7 +75,8 @@ def panoptic_inference(
     (sigmoid >= 0.5) area; queries of a stuff class already present join that class's segment.
 
     segments_info entries: {"id" (from 1), "category_id", "isthing", "score" (the class probability
-    of the query that opened the segment)}. thing_flags has one bool per class (C).
+    of the query that opened the segment), "query" (that query's row in `mask_cls`)}. thing_flags has
+    one bool per class (C).
     """
     height, width = mask_pred.shape[-2:]
     num_classes = mask_cls.shape[-1] - 1
@@ -85,6 +86,7 @@ def panoptic_inference(
     if not bool(keep.any()):
         return panoptic, []
 
+    kept = torch.nonzero(keep).flatten().tolist()  # query index of each kept row
     cur_scores, cur_classes = scores[keep], labels[keep]
     cur_masks = mask_pred[keep].sigmoid()
     owner = (cur_scores.view(-1, 1, 1) * cur_masks).argmax(dim=0)  # (H, W) index into the kept queries
@@ -113,7 +115,13 @@ def panoptic_inference(
             stuff_segment[category] = segment_id
         segment_of_query[q] = segment_id
         segments_info.append(
-            {"id": segment_id, "category_id": category, "isthing": isthing, "score": float(cur_scores[q])}
+            {
+                "id": segment_id,
+                "category_id": category,
+                "isthing": isthing,
+                "score": float(cur_scores[q]),
+                "query": int(kept[q]),
+            }
         )
     lookup = torch.tensor(segment_of_query, dtype=torch.int32, device=mask_pred.device)
     panoptic = torch.where(visible, lookup[owner], panoptic)

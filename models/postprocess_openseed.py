@@ -85,7 +85,13 @@ def panoptic_inference(
     probs = sharpened_probabilities(mask_cls[keep], temperature)
     background = probs.new_full((probs.shape[0], 1), float("-inf"))
     log_probs = torch.cat((probs.log(), background), dim=-1)
-    return postprocess.panoptic_inference(log_probs, mask_pred[keep], thing_flags, -1.0, overlap_threshold)
+    panoptic, info = postprocess.panoptic_inference(
+        log_probs, mask_pred[keep], thing_flags, -1.0, overlap_threshold
+    )
+    kept = torch.nonzero(keep).flatten().tolist()
+    for segment in info:  # "query": the row in `mask_cls`, not in the kept subset
+        segment["query"] = kept[segment["query"]]
+    return panoptic, info
 
 
 def _top_pairs(mask_cls: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -249,6 +249,9 @@ class OpenSeeDPredictor:
                     settings.overlap_threshold,
                     settings.temperature,
                 )
+                # Thing segments carry their query's box-head box; stuff segments (merged
+                # queries) get the box of their mask.
+                boxes = self._boxes_xywh(output)
                 segments = [
                     Segment(
                         s["id"],
@@ -256,6 +259,7 @@ class OpenSeeDPredictor:
                         s["score"],
                         s["isthing"],
                         (panoptic == s["id"]).cpu().numpy(),
+                        tuple(float(v) for v in boxes[s["query"]]) if s["isthing"] else None,
                     )
                     for s in info
                 ]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from models import postprocess_openseed
 from models.language.tokenizer import BOS_ID, ClipTokenizer
 from models.postprocess import (
     caption_from_tokens,
@@ -242,3 +243,19 @@ def test_retrieval_scores_by_hand() -> None:
     half_sqrt2 = math.sqrt(0.5)
     expected = torch.tensor([[0.5, 0.5, half_sqrt2]])
     torch.testing.assert_close(retrieval_scores(decoder, backbone, texts), expected)
+
+
+def test_panoptic_segments_name_the_query_that_opened_them():
+    """X-Decoder and OpenSeeD panoptic segments carry the row of their query in the logits passed in
+    (OpenSeeD keeps a subset first), so a box head's box can be attached to a thing segment."""
+    masks = torch.full((4, 8, 8), -10.0)
+    for q, (r0, r1) in enumerate([(0, 2), (2, 4), (4, 6), (6, 8)]):
+        masks[q, r0:r1] = 10.0  # four disjoint stripes
+    # OpenSeeD: sigmoid scores; query 0 stays below the 0.25 object threshold.
+    sigmoid_logits = torch.tensor([[-5.0, -5.0], [4.0, -4.0], [-4.0, 4.0], [4.0, -4.0]])
+    _, info = postprocess_openseed.panoptic_inference(sigmoid_logits, masks, [True, False])
+    assert [(s["category_id"], s["query"]) for s in info] == [(0, 1), (1, 2), (0, 3)]
+    # X-Decoder: softmax with a background column; query 2 is background.
+    softmax_logits = torch.tensor([[9.0, 0.0, 0.0], [0.0, 9.0, 0.0], [0.0, 0.0, 9.0], [9.0, 0.0, 0.0]])
+    _, info = panoptic_inference(softmax_logits, masks, [True, True])
+    assert [(s["category_id"], s["query"]) for s in info] == [(0, 0), (1, 1), (0, 3)]
