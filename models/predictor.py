@@ -13,7 +13,8 @@
     predictor.embed_texts(texts)                    -> Tensor (N, D)
     predictor.retrieve(images, texts)               -> Tensor (B, N): image x text scores
 
-Other families (`models.model_families`) serve a subset of these tasks through predictors with the
+Other families (OpenSeeD: `models.predictor_openseed`, Mask2Former: `models.predictor_mask2former`,
+both `FamilyPredictor`s) serve a subset of these tasks through predictors with the
 same methods; `info["tasks"]` lists what a loaded model serves, `info["box_head"]` whether it has
 `detect` and box-head boxes in its segments, `info["vocabulary_in_decoder"]` whether the vocabulary
 changes the decoder (OpenSeeD: requests with different vocabularies cannot share a decoder pass) and
@@ -422,6 +423,60 @@ class Predictor:
             with self._autocast():
                 text = self.model.text_encoder.eos_features(ids.to(self.device)).float()
             return retrieval_scores(decoder, backbone, text)
+
+
+class FamilyPredictor:
+    """What the OpenSeeD and Mask2Former predictors share: a torch model with its name, weights
+    identity, device and precision. A subclass sets `family` and `build(name, checkpoint) -> (model,
+    weights id)`, and adds its tasks and `info` fields (see the module docstring)."""
+
+    family = ""
+
+    def __init__(self, model: nn.Module, name: str, weights_id: str, device: str, precision: str) -> None:
+        self.model = model
+        self.name = name
+        self.device = torch.device(device)
+        self.runtime = "torch"
+        self.precision = precision
+        self.model_id = f"{name}@{weights_id}"
+
+    @staticmethod
+    def build(name: str, checkpoint: str | Path | None) -> tuple[nn.Module, str]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(
+        cls,
+        name: str,
+        checkpoint: str | Path | None = None,
+        device: str = "cpu",
+        runtime: str = "torch",
+        precision: str = "fp32",
+        compile: bool = False,
+    ) -> FamilyPredictor:
+        """Same options as `Predictor.from_config`; these families are served by torch only (their
+        ONNX exports are checked by `openset export verify`)."""
+        if runtime != "torch":
+            raise ValueError(f"{cls.family} models run on the torch runtime only (got {runtime!r})")
+        check_precision(precision)
+        model, weights_id = cls.build(name, checkpoint)
+        model = model.to(device)
+        prepare_model(model, precision, compile=compile, device=device)
+        return cls(model, name, weights_id, device, precision)
+
+    def base_info(self) -> dict:
+        """The `info` fields every family has; subclasses add theirs."""
+        resize = self.model.cfg.resize
+        return {
+            "name": self.name,
+            "model_id": self.model_id,
+            "family": self.family,
+            "runtime": self.runtime,
+            "device": str(self.device),
+            "precision": self.precision,
+            "input_sizes": {"segmentation": {"short": resize.short, "max": resize.max_size}},
+            "num_queries": self.model.cfg.decoder.num_queries,
+        }
 
 
 def mask_rows(task: str, logits: torch.Tensor, threshold: float | None) -> torch.Tensor | slice:

@@ -29,8 +29,8 @@ from models.checkpoint_formats import load_any_checkpoint
 from models.labels import select_class_logits
 from models.mask2former import Mask2FormerModel, get_mask2former_config
 from models.postprocess import resize_mask_logits
-from models.precision import check_precision, precision_context, prepare_model
-from models.predictor import DEMO_SEED, SegmentationResult, segments_from_outputs
+from models.precision import precision_context
+from models.predictor import DEMO_SEED, FamilyPredictor, SegmentationResult, segments_from_outputs
 from models.preprocess import batch_images
 
 logger = logging.getLogger(__name__)
@@ -63,55 +63,22 @@ def weights_file(path: Path) -> Path:
     return path / "model.safetensors" if path.is_dir() else path
 
 
-class Mask2FormerPredictor:
+class Mask2FormerPredictor(FamilyPredictor):
     """One loaded Mask2Former model (see the module docstring)."""
 
-    def __init__(
-        self, model: Mask2FormerModel, name: str, weights_id: str, device: str, precision: str
-    ) -> None:
-        self.model = model
-        self.name = name
-        self.device = torch.device(device)
-        self.runtime = "torch"
-        self.precision = precision
-        self.model_id = f"{name}@{weights_id}"
-
-    @classmethod
-    def from_config(
-        cls,
-        name: str,
-        checkpoint: str | Path | None = None,
-        device: str = "cpu",
-        runtime: str = "torch",
-        precision: str = "fp32",
-        compile: bool = False,
-    ) -> Mask2FormerPredictor:
-        if runtime != "torch":
-            raise ValueError(f"Mask2Former models run on the torch runtime only (got {runtime!r})")
-        check_precision(precision)
-        model, weights_id = build_mask2former(name, checkpoint)
-        model = model.to(device)
-        prepare_model(model, precision, compile=False, device=device)
-        return cls(model, name, weights_id, device, precision)
+    family = "Mask2Former"
+    build = staticmethod(build_mask2former)
 
     @property
     def info(self) -> dict:
-        cfg = self.model.cfg
-        return {
-            "name": self.name,
-            "model_id": self.model_id,
-            "family": "mask2former",
+        labels = self.model.cfg.labels
+        return self.base_info() | {
             "tasks": list(SEGMENT_TASKS),
             "box_head": False,
             "vocabulary_in_decoder": False,
-            "label_set": list(cfg.labels.names),
-            "label_names_accepted": cfg.labels.accepted_names(),
-            "runtime": self.runtime,
-            "device": str(self.device),
-            "precision": self.precision,
-            "input_sizes": {"segmentation": {"short": cfg.resize.short, "max": cfg.resize.max_size}},
-            "num_queries": cfg.decoder.num_queries,
-            "embedding_dim": len(cfg.labels),
+            "label_set": list(labels.names),
+            "label_names_accepted": labels.accepted_names(),
+            "embedding_dim": len(labels),
         }
 
     def encode_texts(self, names: list[str]) -> torch.Tensor:

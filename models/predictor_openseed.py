@@ -31,11 +31,12 @@ from models.configs import ResizeRule
 from models.language.tokenizer import ClipTokenizer
 from models.openseed import OpenSeeDModel, get_openseed_config
 from models.postprocess import resize_mask_logits
-from models.precision import check_precision, precision_context, prepare_model
+from models.precision import precision_context
 from models.predictor import (
     DEMO_SEED,
     Detection,
     DetectionResult,
+    FamilyPredictor,
     Segment,
     SegmentationResult,
     semantic_segments,
@@ -103,53 +104,24 @@ def build_openseed(name: str, checkpoint: str | Path | None) -> tuple[OpenSeeDMo
     return model.eval(), quick_hash(checkpoint)[:12]
 
 
-class OpenSeeDPredictor:
+class OpenSeeDPredictor(FamilyPredictor):
     """One loaded OpenSeeD model (see the module docstring)."""
 
-    def __init__(self, model: OpenSeeDModel, name: str, weights_id: str, device: str, precision: str) -> None:
-        self.model = model
-        self.name = name
-        self.device = torch.device(device)
-        self.runtime = "torch"
-        self.precision = precision
-        self.tokenizer = ClipTokenizer()
-        self.model_id = f"{name}@{weights_id}"
+    family = "OpenSeeD"
+    build = staticmethod(build_openseed)
 
-    @classmethod
-    def from_config(
-        cls,
-        name: str,
-        checkpoint: str | Path | None = None,
-        device: str = "cpu",
-        runtime: str = "torch",
-        precision: str = "fp32",
-        compile: bool = False,
-    ) -> OpenSeeDPredictor:
-        if runtime != "torch":
-            raise ValueError(f"OpenSeeD models run on the torch runtime only (got {runtime!r})")
-        check_precision(precision)
-        model, weights_id = build_openseed(name, checkpoint)
-        model = model.to(device)
-        prepare_model(model, precision, compile=False, device=device)
-        return cls(model, name, weights_id, device, precision)
+    def __init__(self, model: OpenSeeDModel, name: str, weights_id: str, device: str, precision: str) -> None:
+        super().__init__(model, name, weights_id, device, precision)
+        self.tokenizer = ClipTokenizer()
 
     @property
     def info(self) -> dict:
-        cfg = self.model.cfg
-        return {
-            "name": self.name,
-            "model_id": self.model_id,
-            "family": "openseed",
+        return self.base_info() | {
             "tasks": list(TASKS),
             "box_head": True,
             "vocabulary_in_decoder": True,
             "label_set": None,
-            "runtime": self.runtime,
-            "device": str(self.device),
-            "precision": self.precision,
-            "input_sizes": {"segmentation": {"short": cfg.resize.short, "max": cfg.resize.max_size}},
-            "num_queries": cfg.decoder.num_queries,
-            "embedding_dim": cfg.text.projection_dim,
+            "embedding_dim": self.model.cfg.text.projection_dim,
         }
 
     # ------------------------------------------------------------------ text
