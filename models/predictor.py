@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from models.checkpoint import load_checkpoint, quick_hash
-from models.configs import XDecoderConfig, get_config
+from models.configs import XDecoderConfig, config_names, get_config
 from models.decoders.xdecoder import class_logits
 from models.language.tokenizer import ClipTokenizer
 from models.postprocess import (
@@ -161,6 +161,14 @@ def build_model(name: str, checkpoint: str | Path | None) -> tuple[XDecoderModel
     return seeded_model(cfg), f"untrained-seed{DEMO_SEED}"
 
 
+def model_names() -> list[str]:
+    """Every named config that `Predictor.from_config` loads, across the families."""
+    from models.mask2former import mask2former_config_names
+    from models.openseed import openseed_config_names
+
+    return [*config_names(), *openseed_config_names(), *mask2former_config_names()]
+
+
 def family_predictor(name: str) -> type | None:
     """The predictor class of a config name outside the X-Decoder family, or None for X-Decoder."""
     from models.mask2former import mask2former_config_names
@@ -213,6 +221,8 @@ class Predictor:
     ) -> Predictor:
         """`precision`: fp32 (the reference) | tf32 | bf16 | fp16; `compile`: torch.compile of the
         image encoder, one graph per input size (CUDA graphs on a GPU). See models.precision."""
+        if name not in model_names():
+            raise ValueError(f"unknown model {name!r}; known models: {', '.join(model_names())}")
         family = family_predictor(name)
         if family is not None:  # OpenSeeD, Mask2Former: their own predictors, same methods
             return family.from_config(name, checkpoint, device, runtime, precision, compile)

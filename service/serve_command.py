@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import types
 from typing import Any, get_args
 
@@ -65,6 +66,14 @@ def run(args: argparse.Namespace) -> int:
     from service.logs import configure_logging
 
     settings = settings_from_args(args)
+    from models.predictor import model_names  # the gateway's one model import: a typo fails here
+
+    if settings.model not in model_names():
+        print(
+            f"openset serve: unknown model {settings.model!r}; known models: {', '.join(model_names())}",
+            file=sys.stderr,
+        )
+        return 2
     configure_logging(settings.log_level)
     app = create_app(settings)
     config = uvicorn.Config(

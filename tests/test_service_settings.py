@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from service.cli import build_parser
@@ -57,3 +60,15 @@ def test_invalid_values_are_refused():
         build_parser().parse_args(["serve", "--precision", "fp8"])
     with pytest.raises(ValueError):
         Settings(max_batch_size=0)
+
+
+def test_an_unknown_model_stops_serve_at_once_naming_the_known_ones():
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--model", "xdecoder-focal-typo"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "xdecoder-focal-typo" in result.stderr
+    assert "openseed-swint" in result.stderr and "mask2former-swint-coco-panoptic" in result.stderr
