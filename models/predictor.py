@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -435,12 +436,19 @@ class Predictor:
             return retrieval_scores(decoder, backbone, text)
 
 
+def weights_file(path: Path) -> Path:
+    """The file that identifies a checkpoint: itself, or the safetensors of a `save_pretrained` folder."""
+    return path / "model.safetensors" if path.is_dir() else path
+
+
 class FamilyPredictor:
     """What the OpenSeeD and Mask2Former predictors share: a torch model with its name, weights
-    identity, device and precision. A subclass sets `family` and `build(name, checkpoint) -> (model,
-    weights id)`, and adds its tasks and `info` fields (see the module docstring)."""
+    identity, device and precision. A subclass sets `family`, its config lookup (`get_config`), its
+    model class and, if not `models.checkpoint.load_checkpoint`, its weight loader, and adds its tasks
+    and `info` fields (see the module docstring)."""
 
     family = ""
+    checkpoint_formats = ".pt or .safetensors"  # named in the error for a missing checkpoint
 
     def __init__(self, model: nn.Module, name: str, weights_id: str, device: str, precision: str) -> None:
         self.model = model
@@ -451,8 +459,35 @@ class FamilyPredictor:
         self.model_id = f"{name}@{weights_id}"
 
     @staticmethod
-    def build(name: str, checkpoint: str | Path | None) -> tuple[nn.Module, str]:
+    def get_config(name: str) -> Any:
         raise NotImplementedError
+
+    @staticmethod
+    def model_class(cfg: Any) -> nn.Module:
+        raise NotImplementedError
+
+    @staticmethod
+    def load_weights(model: nn.Module, checkpoint: str | Path) -> None:
+        load_checkpoint(model, checkpoint)
+
+    @classmethod
+    def build(cls, name: str, checkpoint: str | Path | None) -> tuple[nn.Module, str]:
+        """The model of config `name` with its weights, and the weights' identity. Released configs
+        need a checkpoint; the untrained miniatures get a seeded initialisation (with a warning)."""
+        cfg = cls.get_config(name)
+        if checkpoint is None and cfg.released:
+            raise ValueError(
+                f"model {name!r} needs a checkpoint: pass checkpoint=PATH (the service setting is "
+                f"OPENSET_CHECKPOINT) pointing at the released {cls.checkpoint_formats} file"
+            )
+        with torch.random.fork_rng():  # deterministic, without touching the caller's random state
+            torch.manual_seed(DEMO_SEED)
+            model = cls.model_class(cfg)
+        if checkpoint is None:
+            logger.warning("model %r has no weights: using an untrained, seeded initialisation", name)
+            return model.eval(), f"untrained-seed{DEMO_SEED}"
+        cls.load_weights(model, checkpoint)
+        return model.eval(), quick_hash(weights_file(Path(checkpoint)))[:12]
 
     @classmethod
     def from_config(

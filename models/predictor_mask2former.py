@@ -18,19 +18,17 @@ image without a padding mask, so images run in groups of equal padded size, as a
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.checkpoint import quick_hash
 from models.checkpoint_formats import load_any_checkpoint
 from models.labels import select_class_logits
 from models.mask2former import Mask2FormerModel, get_mask2former_config
 from models.postprocess import resize_mask_logits
 from models.precision import precision_context
-from models.predictor import DEMO_SEED, FamilyPredictor, SegmentationResult, segments_from_outputs
+from models.predictor import FamilyPredictor, SegmentationResult, segments_from_outputs
 from models.preprocess import batch_images
 
 logger = logging.getLogger(__name__)
@@ -38,36 +36,14 @@ logger = logging.getLogger(__name__)
 SEGMENT_TASKS = ("semantic", "instance", "panoptic")
 
 
-def build_mask2former(name: str, checkpoint: str | Path | None) -> tuple[Mask2FormerModel, str]:
-    """The model of config `name` with its weights (a seeded initialisation without a checkpoint,
-    with a warning), and the weights' identity. `.pkl` and Hugging Face safetensors layouts are read
-    by `models.checkpoint_formats`."""
-    cfg = get_mask2former_config(name)
-    if checkpoint is None and cfg.released:
-        raise ValueError(
-            f"model {name!r} needs a checkpoint: pass checkpoint=PATH (the service setting is "
-            "OPENSET_CHECKPOINT) pointing at the released .pkl, .safetensors or .pt file"
-        )
-    with torch.random.fork_rng():
-        torch.manual_seed(DEMO_SEED)
-        model = Mask2FormerModel(cfg)
-    if checkpoint is None:
-        logger.warning("model %r has no weights: using an untrained, seeded initialisation", name)
-        return model.eval(), f"untrained-seed{DEMO_SEED}"
-    load_any_checkpoint(model, checkpoint)
-    return model.eval(), quick_hash(weights_file(Path(checkpoint)))[:12]
-
-
-def weights_file(path: Path) -> Path:
-    """The file that identifies a checkpoint: itself, or the safetensors of a `save_pretrained` folder."""
-    return path / "model.safetensors" if path.is_dir() else path
-
-
 class Mask2FormerPredictor(FamilyPredictor):
     """One loaded Mask2Former model (see the module docstring)."""
 
     family = "Mask2Former"
-    build = staticmethod(build_mask2former)
+    checkpoint_formats = ".pkl, .safetensors (or a transformers folder) or .pt"
+    get_config = staticmethod(get_mask2former_config)
+    model_class = Mask2FormerModel
+    load_weights = staticmethod(load_any_checkpoint)
 
     @property
     def info(self) -> dict:

@@ -19,21 +19,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
 from models import postprocess_openseed as post
-from models.checkpoint import load_checkpoint, quick_hash
 from models.configs import ResizeRule
 from models.language.tokenizer import ClipTokenizer
 from models.openseed import OpenSeeDModel, get_openseed_config
 from models.postprocess import resize_mask_logits
 from models.precision import precision_context
 from models.predictor import (
-    DEMO_SEED,
     Detection,
     DetectionResult,
     FamilyPredictor,
@@ -85,30 +82,12 @@ def prepare_image(image: np.ndarray, short: int, max_size: int) -> PreparedImage
     return PreparedImage(padded, (h, w), (ph, pw), original)
 
 
-def build_openseed(name: str, checkpoint: str | Path | None) -> tuple[OpenSeeDModel, str]:
-    """The model of config `name` with its weights (a seeded initialisation for unreleased configs
-    without a checkpoint), and the weights' identity."""
-    cfg = get_openseed_config(name)
-    if checkpoint is None and cfg.released:
-        raise ValueError(
-            f"model {name!r} needs a checkpoint: pass checkpoint=PATH (the service setting is "
-            "OPENSET_CHECKPOINT) pointing at the released .pt or .safetensors file"
-        )
-    with torch.random.fork_rng():
-        torch.manual_seed(DEMO_SEED)
-        model = OpenSeeDModel(cfg)
-    if checkpoint is None:
-        logger.warning("model %r has no weights: using an untrained, seeded initialisation", name)
-        return model.eval(), f"untrained-seed{DEMO_SEED}"
-    load_checkpoint(model, checkpoint)
-    return model.eval(), quick_hash(checkpoint)[:12]
-
-
 class OpenSeeDPredictor(FamilyPredictor):
     """One loaded OpenSeeD model (see the module docstring)."""
 
     family = "OpenSeeD"
-    build = staticmethod(build_openseed)
+    get_config = staticmethod(get_openseed_config)
+    model_class = OpenSeeDModel
 
     def __init__(self, model: OpenSeeDModel, name: str, weights_id: str, device: str, precision: str) -> None:
         super().__init__(model, name, weights_id, device, precision)

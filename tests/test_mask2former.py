@@ -361,3 +361,22 @@ def test_config_copies_are_independent() -> None:
     a = get_mask2former_config("mask2former-swint-coco-panoptic")
     a.decoder.num_queries = 5
     assert get_mask2former_config("mask2former-swint-coco-panoptic").decoder.num_queries == 100
+
+
+def test_predictor_serves_a_detectron2_pkl_checkpoint(tmp_path: Path) -> None:
+    """`Predictor.from_config` with a `.pkl` checkpoint: the weights of the file are the ones used (a
+    perturbed copy of the seeded miniature gives other logits; the file itself gives its own)."""
+    from models.predictor import Predictor
+
+    seeded = Predictor.from_config("mask2former-tiny-coco-panoptic")
+    state = {k: v + 0.01 * torch.randn_like(v) for k, v in seeded.model.state_dict().items()}
+    path = tmp_path / "model_final.pkl"
+    path.write_bytes(detectron2_pickle(state, 2))
+    loaded = Predictor.from_config("mask2former-tiny-coco-panoptic", checkpoint=path)
+    assert loaded.model_id != seeded.model_id
+    for key, value in loaded.model.state_dict().items():
+        torch.testing.assert_close(value, state[key])
+    image = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    rows = loaded.encode_texts(["person", "sky"])
+    segments = loaded.segment([image], [rows], "semantic")[0].segments
+    assert segments and {s.label_index for s in segments} <= {0, 1}
