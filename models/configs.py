@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from models.language.text_encoder import TextEncoderConfig
+
+ConfigT = TypeVar("ConfigT")
 
 
 @dataclass
@@ -144,8 +147,14 @@ def config_names() -> list[str]:
     return list(_CONFIGS)
 
 
+def named_config(configs: dict[str, ConfigT], name: str, family: str) -> ConfigT:
+    """A copy of `configs[name]` (callers may modify it); an unknown name raises a `KeyError` listing
+    the known ones. The lookup of every family's registry."""
+    if name not in configs:
+        raise KeyError(f"unknown {family} config {name!r}; known configs: {', '.join(configs)}")
+    return copy.deepcopy(configs[name])
+
+
 def get_config(name: str) -> XDecoderConfig:
-    """A copy of the named config; unknown names raise a `KeyError` listing the known ones."""
-    if name not in _CONFIGS:
-        raise KeyError(f"unknown model config {name!r}; known configs: {', '.join(_CONFIGS)}")
-    return copy.deepcopy(_CONFIGS[name])
+    """A copy of the named X-Decoder config (see `named_config`)."""
+    return named_config(_CONFIGS, name, "X-Decoder")

@@ -14,13 +14,14 @@ a multiple of 32, as the official preprocessing does; `Mask2FormerConfig.resize`
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from models.backbones.swin import SwinConfig, SwinTransformer
-from models.configs import PixelDecoderConfig, ResizeRule
+from models.configs import PixelDecoderConfig, ResizeRule, named_config
 from models.decoders.mask2former import (
     HeadOutput,
     Mask2FormerDecoderConfig,
@@ -137,18 +138,14 @@ _CONFIGS: dict[str, Mask2FormerConfig] = {
         Mask2FormerConfig(
             name="mask2former-tiny-coco-panoptic",
             backbone=SwinConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=7),
-            pixel_decoder=PixelDecoderConfig(
-                name="transformer_encoder_deform",
+            pixel_decoder=dataclasses.replace(
+                mask2former_pixel_decoder(),
                 conv_dim=64,
                 mask_dim=64,
                 num_heads=4,
                 dim_feedforward=128,
                 num_encoder_layers=2,
                 norm_groups=8,
-                num_points=4,
-                num_levels=3,
-                level_order="coarse_first",
-                fpn_upsample="bilinear",
             ),
             decoder=Mask2FormerDecoderConfig(
                 num_classes=133,
@@ -172,10 +169,8 @@ def mask2former_config_names() -> list[str]:
 
 
 def get_mask2former_config(name: str) -> Mask2FormerConfig:
-    """A copy of the named config; unknown names raise a `KeyError` listing the known ones."""
-    if name not in _CONFIGS:
-        raise KeyError(f"unknown Mask2Former config {name!r}; known configs: {', '.join(_CONFIGS)}")
-    return copy.deepcopy(_CONFIGS[name])
+    """A copy of the named Mask2Former config (see `models.configs.named_config`)."""
+    return named_config(_CONFIGS, name, "Mask2Former")
 
 
 class SemSegHead(nn.Module):

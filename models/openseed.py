@@ -15,14 +15,14 @@ padded batch -> per image `models.postprocess_openseed` on the outputs.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from models.backbones.swin import SwinConfig, SwinTransformer
-from models.configs import PixelDecoderConfig, ResizeRule
+from models.configs import PixelDecoderConfig, ResizeRule, named_config
 from models.decoders.openseed import OpenSeeDDecoder, OpenSeeDDecoderConfig
 from models.language.text_encoder import LanguageEncoder, TextEncoderConfig
 from models.language.tokenizer import ClipTokenizer
@@ -72,18 +72,14 @@ _CONFIGS: dict[str, OpenSeeDConfig] = {
     "openseed-tiny": OpenSeeDConfig(
         name="openseed-tiny",
         backbone=SwinConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=7),
-        pixel_decoder=PixelDecoderConfig(
-            name="openseed_encoder_deform",
+        pixel_decoder=dataclasses.replace(
+            openseed_pixel_decoder(),
             conv_dim=64,
             mask_dim=64,
             num_heads=4,
             dim_feedforward=128,
             num_encoder_layers=2,
             norm_groups=8,
-            num_points=4,
-            num_levels=4,
-            level_order="fine_first",
-            fpn_upsample="bilinear",
         ),
         decoder=OpenSeeDDecoderConfig(
             hidden_dim=64, num_queries=30, num_layers=2, num_heads=4, dim_feedforward=128, mask_dim=64
@@ -100,10 +96,8 @@ def openseed_config_names() -> list[str]:
 
 
 def get_openseed_config(name: str) -> OpenSeeDConfig:
-    """A copy of the named OpenSeeD config; unknown names raise a `KeyError` listing the known ones."""
-    if name not in _CONFIGS:
-        raise KeyError(f"unknown OpenSeeD config {name!r}; known configs: {', '.join(_CONFIGS)}")
-    return copy.deepcopy(_CONFIGS[name])
+    """A copy of the named OpenSeeD config (see `models.configs.named_config`)."""
+    return named_config(_CONFIGS, name, "OpenSeeD")
 
 
 class OpenSeeDHead(nn.Module):

@@ -17,8 +17,6 @@ image without a padding mask, so images run in groups of equal padded size, as a
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -30,8 +28,6 @@ from models.postprocess import resize_mask_logits
 from models.precision import precision_context
 from models.predictor import FamilyPredictor, SegmentationResult, segments_from_outputs
 from models.preprocess import batch_images
-
-logger = logging.getLogger(__name__)
 
 SEGMENT_TASKS = ("semantic", "instance", "panoptic")
 

@@ -16,7 +16,6 @@ all images and the decoder once per distinct vocabulary.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,8 +38,6 @@ from models.predictor import (
     semantic_segments,
 )
 from models.preprocess import normalize, padded_size, resized_shape
-
-logger = logging.getLogger(__name__)
 
 SEGMENT_TASKS = ("semantic", "instance", "panoptic")
 TASKS = (*SEGMENT_TASKS, "detect")

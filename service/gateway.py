@@ -53,6 +53,7 @@ class Gateway:
         self.cache = TextEmbeddingCache(settings.text_cache_size, settings.redis_url, metrics)
         self.draining = False
         self.started = False
+        self._closed_vocabulary: tuple[str | None, frozenset[str]] = (None, frozenset())
 
     async def start(self) -> None:
         self.batcher.start(self.pool)
@@ -179,18 +180,27 @@ class Gateway:
             )
         labels = [self.check_text(name, "class_name") for name in vocabulary]
         normalised = [normalise_text(name) for name in labels]
-        label_set = self.pool.info.get("label_set")
-        if label_set:
-            accepted = self.pool.info.get("label_names_accepted") or label_set
-            known = {normalise_text(name) for name in accepted}
+        known = self.closed_vocabulary()
+        if known is not None:
             unknown = [label for label, name in zip(labels, normalised, strict=True) if name not in known]
             if unknown:
                 raise bad_request(
                     "unknown_class",
                     f"Model {self.settings.model!r} has a closed vocabulary; not in its label set: "
-                    f"{unknown}. Valid names: {', '.join(label_set)}.",
+                    f"{unknown}. Valid names: {', '.join(self.pool.info['label_set'])}.",
                 )
         return labels, normalised
+
+    def closed_vocabulary(self) -> frozenset[str] | None:
+        """The normalised names a closed-vocabulary model accepts (its label set and aliases), built
+        once per loaded model; None for an open vocabulary."""
+        info = self.pool.info
+        if not info.get("label_set"):
+            return None
+        if self._closed_vocabulary[0] != self.pool.model_id:
+            accepted = info.get("label_names_accepted") or info["label_set"]
+            self._closed_vocabulary = (self.pool.model_id, frozenset(normalise_text(n) for n in accepted))
+        return self._closed_vocabulary[1]
 
     async def segment(self, call: Call, fields: SegmentFields, image: bytes) -> dict:
         self.check_model(fields.model)

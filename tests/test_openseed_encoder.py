@@ -20,27 +20,13 @@ import torch
 from models.backbones.swin import SwinConfig, SwinTransformer, relative_position_index
 from models.checkpoint import read_state_dict, reference_checkpoint
 from models.configs import PixelDecoderConfig
+from models.openseed import openseed_pixel_decoder
 from models.pixel_decoders.ms_deform import MSDeformAttnPixelDecoder
 
 BACKBONE = "backbone."
 PIXEL_DECODER = "sem_seg_head.pixel_decoder."
 BACKBONE_BOUND = (1e-3, 1e-4)  # (max abs, mean abs)
 ENCODER_BOUND = (2e-3, 2e-4)
-
-
-def openseed_pixel_decoder_config() -> PixelDecoderConfig:
-    return PixelDecoderConfig(
-        name="transformer_encoder_deform",
-        conv_dim=256,
-        mask_dim=256,
-        num_heads=8,
-        dim_feedforward=2048,
-        num_encoder_layers=6,
-        num_points=4,
-        num_levels=4,
-        level_order="fine_first",
-        fpn_upsample="bilinear",
-    )
 
 
 @dataclass
@@ -63,7 +49,7 @@ def run(reference_root: Path, cache_dir: Path) -> Run:
     folder = reference_root / "openseed_swint"
     state = read_state_dict(reference_checkpoint(folder / "keys.json", cache_dir))
     backbone = SwinTransformer(SwinConfig()).eval()
-    pixel_decoder = MSDeformAttnPixelDecoder(openseed_pixel_decoder_config(), backbone.out_channels).eval()
+    pixel_decoder = MSDeformAttnPixelDecoder(openseed_pixel_decoder(), backbone.out_channels).eval()
     # strict: every checkpoint entry of both modules is used and none of their parameters is missing
     backbone.load_state_dict(select(state, BACKBONE), strict=True)
     pixel_decoder.load_state_dict(select(state, PIXEL_DECODER), strict=True)

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.backbones.focalnet import Mlp  # the same fc1 / GELU / fc2 block
+
 MASKED = -100.0  # the official additive mask between the regions of a shifted window
 
 
@@ -78,17 +80,6 @@ def shifted_window_mask(h: int, w: int, window: int, shift: int, device: torch.d
     windows = window_partition(regions, window).squeeze(-1)  # (nW, N)
     diff = windows[:, None, :] - windows[:, :, None]
     return torch.zeros_like(diff).masked_fill(diff != 0, MASKED)
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class WindowAttention(nn.Module):
