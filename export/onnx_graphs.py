@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 EXAMPLE_BATCH = 2
 EXAMPLE_TOKENS = 5
+# Caption positions of the traced `caption_step`: more than one, since `XDecoder.caption_rows` leaves
+# out the causal mask for a single position (nothing is blocked there) and tracing keeps one branch.
 EXAMPLE_LENGTH = 4
 
 

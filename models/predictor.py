@@ -238,6 +238,8 @@ class Predictor:
         model, weights_id = build_model(name, checkpoint)
         model = model.to(device)
         prepare_model(model, precision, compile=compile, device=device)
+        if torch.device(device).type == "cpu":
+            model.lay_out_caption_step_weights()
         predictor = cls(model, name, weights_id, device, runtime)
         predictor.precision = precision
         return predictor

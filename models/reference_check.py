@@ -348,6 +348,7 @@ def run_case(case_dir: Path, checkpoint: Path | None, tasks: list[str] | None = 
         name = detect_config({k: tuple(v.shape) for k, v in read_state_dict(checkpoint).items()})
     model = XDecoderModel(get_config(name)).eval()
     load_checkpoint(model, checkpoint)
+    model.lay_out_caption_step_weights()  # as `Predictor` serves it on a CPU
     runner = CaseRunner(model, case_dir)
     rows = []
     for task in TASK_ORDER:

@@ -152,14 +152,19 @@ class HeadOutput:
 class CaptionState:
     """What the greedy caption steps reuse, per decoder layer: the projected keys and values (K, B, D)
     of its memory level (`cross_kv`, with the padded-key mask `cross_pad` (B, K) or None) and of the
-    query rows after cross-attention (`self_kv`); the query rows never see caption rows, so these are
-    the same at every step. `caption_kv` grows with the self-attention keys and values of the caption
-    positions decoded so far (they are causal, so earlier positions never change)."""
+    query rows after cross-attention (`self_kv`, (Q, B, D)); the query rows never see caption rows, so
+    these are the same at every step.
+
+    `joint_kv` is filled by `XDecoder.caption_rows(..., cache=True)`: per layer, buffers (Q + T, B, D)
+    holding the query rows' keys and values followed by those of the `caption_length` caption
+    positions decoded so far (T = context length; rows are causal, so earlier positions never change
+    and a step only writes its own position)."""
 
     cross_kv: list[tuple[torch.Tensor, torch.Tensor]]
     cross_pad: list[torch.Tensor | None]
     self_kv: list[tuple[torch.Tensor, torch.Tensor]]
-    caption_kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    joint_kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    caption_length: int = 0
 
 
 def project(mha: nn.MultiheadAttention, x: torch.Tensor, part: int) -> torch.Tensor:
@@ -400,16 +405,19 @@ class XDecoder(nn.Module):
 
         token_features (B, L, D): text token features of caption positions start..start+L-1. Content
         is E, position E + pos_embed_caping. Rows are causal: with start > 0 the earlier positions
-        come from `state.caption_kv` (filled by previous calls with `cache=True`). Returns (B, L, D).
+        come from `state.joint_kv` (filled by previous calls with `cache=True`). Returns (B, L, D).
         `record` receives the projected rows of the heads before the first layer and after the last.
         """
         b, length, _ = token_features.shape
-        if start != (state.caption_kv[0][0].shape[0] if state.caption_kv else 0) and start > 0:
+        if start > 0 and start != state.caption_length:
             raise ValueError(f"caption rows from position {start} need the cache of positions 0..{start - 1}")
         rows = token_features.transpose(0, 1)
         pos = rows + self.pos_embed_caping.weight[start : start + length, None, :]
         q = self.num_queries
-        causal = self.self_attn_mask[:, q + start : q + start + length, : q + start + length]
+        end = q + start + length
+        # Caption rows see every query row and every earlier caption row: a single new position
+        # (a greedy step) has nothing blocked, so it needs no mask.
+        causal = None if length == 1 else self.self_attn_mask[:, q + start : end, :end]
         if record is not None:
             record.append(self.decoder_norm(rows).transpose(0, 1) @ self.caping_embed)
         for i in range(self.num_layers):
@@ -423,22 +431,36 @@ class XDecoder(nn.Module):
             mha = layer.self_attn
             x = rows + pos
             k_new, v_new = project(mha, x, 1), project(mha, rows, 2)
-            if start > 0:
-                k_new = torch.cat((state.caption_kv[i][0], k_new), dim=0)
-                v_new = torch.cat((state.caption_kv[i][1], v_new), dim=0)
             if cache:
-                if i < len(state.caption_kv):
-                    state.caption_kv[i] = (k_new, v_new)
-                else:
-                    state.caption_kv.append((k_new, v_new))
-            k_all = torch.cat((state.self_kv[i][0], k_new), dim=0)
-            v_all = torch.cat((state.self_kv[i][1], v_new), dim=0)
+                if i == len(state.joint_kv):
+                    state.joint_kv.append(self._joint_buffers(state.self_kv[i]))
+                k_all, v_all = state.joint_kv[i]
+                k_all[q + start : end], v_all[q + start : end] = k_new, v_new
+                k_all, v_all = k_all[:end], v_all[:end]
+            else:
+                k_before, v_before = state.joint_kv[i] if start > 0 else state.self_kv[i]
+                k_all = torch.cat((k_before[: q + start], k_new), dim=0)
+                v_all = torch.cat((v_before[: q + start], v_new), dim=0)
             rows = layer.norm(rows + attend(mha, project(mha, x, 0), k_all, v_all, causal))
             rows = self.transformer_ffn_layers[i](rows)
+        if cache:
+            state.caption_length = start + length
         out = self.decoder_norm(rows).transpose(0, 1) @ self.caping_embed
         if record is not None:
             record.append(out)
         return out
+
+    def _joint_buffers(
+        self, query_kv: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q + T, B, D) key and value buffers whose first Q rows are the query rows' (Q, B, D)."""
+        capacity = self.num_queries + self.pos_embed_caping.num_embeddings
+        buffers = []
+        for rows in query_kv:
+            buffer = rows.new_empty((capacity, *rows.shape[1:]))
+            buffer[: self.num_queries] = rows
+            buffers.append(buffer)
+        return buffers[0], buffers[1]
 
 
 def class_logits(embeds: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
