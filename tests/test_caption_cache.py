@@ -72,3 +72,25 @@ def test_greedy_tokens_equal_official_full_passes(predictor: Predictor) -> None:
     assert official.shape == cached.shape == (2, 77)
     assert (official[:, 1:21] != BOS_ID).all()  # every step wrote a token
     assert torch.equal(cached, official)
+
+
+def test_step_weights_are_column_major_with_unchanged_values(predictor: Predictor) -> None:
+    """On a CPU the Predictor stores the caption step's matrices column-major; the values, the state
+    dict and the greedy tokens stay those of the plain layout."""
+    served = predictor.model
+    vocab = served.text_encoder.lang_encoder.token_embedding.weight
+    fc = served.text_encoder.lang_encoder.resblocks[0].mlp.c_fc.weight
+    ffn = served.decoder.transformer_ffn_layers[0].linear1.weight
+    for weight in (vocab, fc, ffn):
+        assert weight.stride() == (1, weight.shape[0])
+    plain = Predictor.from_config("demo").model
+    for weight in plain.parameters():
+        weight.data = weight.data.contiguous()
+    assert plain.text_encoder.lang_encoder.token_embedding.weight.is_contiguous()
+    served_state, plain_state = served.state_dict(), plain.state_dict()
+    assert list(served_state) == list(plain_state)
+    assert all(torch.equal(served_state[k], plain_state[k]) for k in plain_state)
+    with torch.inference_mode():
+        _, features = predictor._encode(noise_images(), "captioning")
+        tokens = served.greedy_caption(features, steps=12, early_stop=False)
+        assert torch.equal(tokens, plain.greedy_caption(features, steps=12, early_stop=False))
