@@ -97,8 +97,9 @@ class XDecoderModel(nn.Module):
         so it is a chain of matrix-vector products bound by reading the weights; with the weight's
         transpose contiguous, `F.linear` and `x @ W.T` become plain row-major products, which MKL
         streams about twice as fast for the output embedding and about 15% faster for the layer
-        matrices on a CPU (load_tests/RESULTS.md). Batched products and `load_state_dict` are
-        unaffected (copies keep the strides); the token-embedding lookups read strided rows.
+        matrices on a CPU (load_tests/RESULTS.md). Batched products give the same results to float
+        rounding (the reference cases run this layout), `load_state_dict` copies keep the strides, and
+        the token-embedding lookups read strided rows.
         """
         decoder = self.decoder
         step_modules = [
