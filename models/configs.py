@@ -58,6 +58,18 @@ class PixelDecoderConfig:
     fpn_upsample: str = "nearest"
 
 
+# The pixel-decoder sizes of the small models: the embedded demo model and the seeded miniatures of
+# the other families (`dataclasses.replace(<family pixel decoder>, **MINIATURE_PIXEL_DECODER)`).
+MINIATURE_PIXEL_DECODER = {
+    "conv_dim": 64,
+    "mask_dim": 64,
+    "num_heads": 4,
+    "dim_feedforward": 128,
+    "num_encoder_layers": 2,
+    "norm_groups": 8,
+}
+
+
 @dataclass
 class DecoderConfig:
     """The X-Decoder transformer decoder. `num_queries` counts the object queries plus the class query
@@ -126,14 +138,7 @@ _CONFIGS: dict[str, XDecoderConfig] = {
         name="demo",
         backbone=FocalNetConfig(variant="focal_dw", embed_dim=24, depths=(1, 1, 2, 1), focal_levels=2),
         pixel_decoder=PixelDecoderConfig(
-            name="transformer_encoder_deform",
-            conv_dim=64,
-            mask_dim=64,
-            num_heads=4,
-            dim_feedforward=128,
-            num_encoder_layers=2,
-            norm_groups=8,
-            num_points=4,
+            name="transformer_encoder_deform", num_points=4, **MINIATURE_PIXEL_DECODER
         ),
         decoder=DecoderConfig(hidden_dim=64, num_heads=4, dim_feedforward=128, num_layers=3, num_queries=17),
         text=TextEncoderConfig(width=64, layers=2, heads=4, projection_dim=64),

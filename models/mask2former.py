@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from models.backbones.swin import SwinConfig, SwinTransformer
-from models.configs import PixelDecoderConfig, ResizeRule, named_config
+from models.configs import MINIATURE_PIXEL_DECODER, PixelDecoderConfig, ResizeRule, named_config
 from models.decoders.mask2former import (
     HeadOutput,
     Mask2FormerDecoderConfig,
@@ -138,15 +138,7 @@ _CONFIGS: dict[str, Mask2FormerConfig] = {
         Mask2FormerConfig(
             name="mask2former-tiny-coco-panoptic",
             backbone=SwinConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=7),
-            pixel_decoder=dataclasses.replace(
-                mask2former_pixel_decoder(),
-                conv_dim=64,
-                mask_dim=64,
-                num_heads=4,
-                dim_feedforward=128,
-                num_encoder_layers=2,
-                norm_groups=8,
-            ),
+            pixel_decoder=dataclasses.replace(mask2former_pixel_decoder(), **MINIATURE_PIXEL_DECODER),
             decoder=Mask2FormerDecoderConfig(
                 num_classes=133,
                 hidden_dim=64,

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from models.backbones.swin import SwinConfig, SwinTransformer
-from models.configs import PixelDecoderConfig, ResizeRule, named_config
+from models.configs import MINIATURE_PIXEL_DECODER, PixelDecoderConfig, ResizeRule, named_config
 from models.decoders.openseed import OpenSeeDDecoder, OpenSeeDDecoderConfig
 from models.language.text_encoder import LanguageEncoder, TextEncoderConfig
 from models.language.tokenizer import ClipTokenizer
@@ -72,15 +72,7 @@ _CONFIGS: dict[str, OpenSeeDConfig] = {
     "openseed-tiny": OpenSeeDConfig(
         name="openseed-tiny",
         backbone=SwinConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=7),
-        pixel_decoder=dataclasses.replace(
-            openseed_pixel_decoder(),
-            conv_dim=64,
-            mask_dim=64,
-            num_heads=4,
-            dim_feedforward=128,
-            num_encoder_layers=2,
-            norm_groups=8,
-        ),
+        pixel_decoder=dataclasses.replace(openseed_pixel_decoder(), **MINIATURE_PIXEL_DECODER),
         decoder=OpenSeeDDecoderConfig(
             hidden_dim=64, num_queries=30, num_layers=2, num_heads=4, dim_feedforward=128, mask_dim=64
         ),

@@ -134,6 +134,14 @@ SEGMENT_TASKS = ("semantic", "instance", "panoptic")
 # instance keeps the top-100 (our default threshold 0.0 keeps every non-empty one).
 OBJECT_MASK_THRESHOLD = 0.8
 OVERLAP_THRESHOLD = 0.8
+
+
+def check_segment_task(task: str) -> None:
+    """`ValueError` naming the choices unless `task` is one of SEGMENT_TASKS (every family)."""
+    if task not in SEGMENT_TASKS:
+        raise ValueError(f"unknown segmentation task {task!r}; use one of {', '.join(SEGMENT_TASKS)}")
+
+
 INSTANCE_TOPK = 100
 INSTANCE_THRESHOLD = 0.0
 # Referring match scores are the cosine of a grounding query with the phrase (the official grounding
@@ -324,8 +332,7 @@ class Predictor:
         threshold: float | None = None,
     ) -> list[SegmentationResult]:
         """Open-vocabulary semantic / instance / panoptic segmentation, one vocabulary per image."""
-        if task not in SEGMENT_TASKS:
-            raise ValueError(f"unknown segmentation task {task!r}; use one of {', '.join(SEGMENT_TASKS)}")
+        check_segment_task(task)
         if len(class_embeddings) != len(images):
             raise ValueError("class_embeddings needs one (C_i, D) tensor per image")
         dim = self.model.cfg.text.projection_dim

@@ -26,10 +26,14 @@ from models.labels import select_class_logits
 from models.mask2former import Mask2FormerModel, get_mask2former_config
 from models.postprocess import resize_mask_logits
 from models.precision import precision_context
-from models.predictor import FamilyPredictor, SegmentationResult, segments_from_outputs
+from models.predictor import (
+    SEGMENT_TASKS,
+    FamilyPredictor,
+    SegmentationResult,
+    check_segment_task,
+    segments_from_outputs,
+)
 from models.preprocess import batch_images
-
-SEGMENT_TASKS = ("semantic", "instance", "panoptic")
 
 
 class Mask2FormerPredictor(FamilyPredictor):
@@ -69,8 +73,7 @@ class Mask2FormerPredictor(FamilyPredictor):
     ) -> list[SegmentationResult]:
         """Segmentation restricted to each image's requested classes (rows of `encode_texts`).
         Without `thing_flags`, the label set's own thing/stuff split is used."""
-        if task not in SEGMENT_TASKS:
-            raise ValueError(f"unknown segmentation task {task!r}; use one of {', '.join(SEGMENT_TASKS)}")
+        check_segment_task(task)
         if len(class_embeddings) != len(images):
             raise ValueError("class_embeddings needs one (C_i, K) tensor per image")
         labels = self.model.labels

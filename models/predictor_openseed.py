@@ -30,16 +30,17 @@ from models.openseed import OpenSeeDModel, get_openseed_config
 from models.postprocess import resize_mask_logits
 from models.precision import precision_context
 from models.predictor import (
+    SEGMENT_TASKS,
     Detection,
     DetectionResult,
     FamilyPredictor,
     Segment,
     SegmentationResult,
+    check_segment_task,
     semantic_segments,
 )
 from models.preprocess import normalize, padded_size, resized_shape
 
-SEGMENT_TASKS = ("semantic", "instance", "panoptic")
 TASKS = (*SEGMENT_TASKS, "detect")
 
 
@@ -172,8 +173,7 @@ class OpenSeeDPredictor(FamilyPredictor):
     ) -> list[SegmentationResult]:
         """Semantic / instance / panoptic segmentation, one vocabulary per image. `threshold`:
         panoptic object threshold (default 0.25), instance minimum score, semantic minimum share."""
-        if task not in SEGMENT_TASKS:
-            raise ValueError(f"unknown segmentation task {task!r}; use one of {', '.join(SEGMENT_TASKS)}")
+        check_segment_task(task)
         settings = self.model.cfg.postprocess
         results = []
         for i, output in enumerate(self._run(images, class_embeddings, masks=True)):
