@@ -90,16 +90,19 @@ class XDecoderModel(nn.Module):
         return ImageFeatures(feats, encoded, multi_scale, memory)
 
     def lay_out_caption_step_weights(self) -> None:
-        """Store the matrices a greedy caption step reads column-major, in place (CPU serving).
+        """Store each matrix a greedy caption step reads contiguous along its longer side, in place
+        (CPU serving).
 
-        Same values and shapes; only the strides change, (out, in) -> strides (1, out). A step runs one
-        row per image through the text encoder, the decoder layers and the 49,408-row output embedding,
-        so it is a chain of matrix-vector products bound by reading the weights; with the weight's
-        transpose contiguous, `F.linear` and `x @ W.T` become plain row-major products, which MKL
-        streams about twice as fast for the output embedding and about 15% faster for the layer
-        matrices on a CPU (load_tests/RESULTS.md). Batched products give the same results to float
-        rounding (the reference cases run this layout), `load_state_dict` copies keep the strides, and
-        the token-embedding lookups read strided rows.
+        Same values and shapes; only the strides change. A step runs one row per image through the
+        text encoder, the decoder layers and the 49,408-row output embedding, so it is a chain of
+        matrix-vector products bound by reading the weights. On a CPU, MKL streams a matrix fastest
+        when its long rows are contiguous: an expanding matrix (out > in: the 49,408 x 512 output
+        embedding, the first FFN layers, the stacked q/k/v projections) is stored column-major, the
+        (out, in) weight with strides (1, out), so `F.linear` becomes a plain row-major product; a
+        contracting one (out < in: the second FFN layers) stays row-major. load_tests/RESULTS.md has
+        the measurements. Batched products give the same results to float rounding (the reference
+        cases run this layout), `load_state_dict` copies keep the strides, and the token-embedding
+        lookups read strided rows.
         """
         decoder = self.decoder
         step_modules = [
@@ -111,7 +114,11 @@ class XDecoderModel(nn.Module):
         weights = [p for m in step_modules for p in m.parameters() if p.dim() == 2]
         weights.append(self.text_encoder.lang_encoder.token_embedding.weight)
         for weight in weights:
-            weight.data = weight.data.t().contiguous().t()
+            out_features, in_features = weight.shape
+            if out_features > in_features:
+                weight.data = weight.data.t().contiguous().t()
+            else:
+                weight.data = weight.data.contiguous()
 
     def backbone_embedding(self, features: ImageFeatures) -> torch.Tensor:
         """Global average pool of res5 over each image's own area, @ backbone_proj: (B, D)."""

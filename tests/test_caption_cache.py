@@ -74,15 +74,27 @@ def test_greedy_tokens_equal_official_full_passes(predictor: Predictor) -> None:
     assert torch.equal(cached, official)
 
 
-def test_step_weights_are_column_major_with_unchanged_values(predictor: Predictor) -> None:
-    """On a CPU the Predictor stores the caption step's matrices column-major; the values, the state
-    dict and the greedy tokens stay those of the plain layout."""
+def test_step_weights_are_contiguous_along_their_longer_side_with_unchanged_values(
+    predictor: Predictor,
+) -> None:
+    """On a CPU the Predictor stores the caption step's expanding matrices column-major and keeps the
+    contracting ones row-major; the values, the state dict and the greedy tokens stay those of the
+    plain layout."""
     served = predictor.model
-    vocab = served.text_encoder.lang_encoder.token_embedding.weight
-    fc = served.text_encoder.lang_encoder.resblocks[0].mlp.c_fc.weight
-    ffn = served.decoder.transformer_ffn_layers[0].linear1.weight
-    for weight in (vocab, fc, ffn):
+    text_layer = served.text_encoder.lang_encoder.resblocks[0]
+    ffn = served.decoder.transformer_ffn_layers[0]
+    expanding = (
+        served.text_encoder.lang_encoder.token_embedding.weight,
+        text_layer.mlp.c_fc.weight,
+        ffn.linear1.weight,
+        served.decoder.transformer_self_attention_layers[0].self_attn.in_proj_weight,
+    )
+    for weight in expanding:
+        assert weight.shape[0] > weight.shape[1]
         assert weight.stride() == (1, weight.shape[0])
+    for weight in (text_layer.mlp.c_proj.weight, ffn.linear2.weight):
+        assert weight.shape[0] < weight.shape[1]
+        assert weight.is_contiguous()
     plain = Predictor.from_config("demo").model
     for weight in plain.parameters():
         weight.data = weight.data.contiguous()
