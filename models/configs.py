@@ -140,7 +140,7 @@ _CONFIGS: dict[str, XDecoderConfig] = {
         pixel_decoder=PixelDecoderConfig(
             name="transformer_encoder_deform", num_points=4, **MINIATURE_PIXEL_DECODER
         ),
-        decoder=DecoderConfig(hidden_dim=64, num_heads=4, dim_feedforward=128, num_layers=3, num_queries=17),
+        decoder=DecoderConfig(hidden_dim=64, num_heads=4, dim_feedforward=256, num_layers=6, num_queries=17),
         text=TextEncoderConfig(width=64, layers=2, heads=4, projection_dim=64),
         resize={task: ResizeRule(fixed=(160, 160)) for task in official_resize()},
         released=False,
