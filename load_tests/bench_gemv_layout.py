@@ -9,7 +9,8 @@ with the weight stored row-major (strides (in, 1), PyTorch's default) and column
 (1, out), same values). Each shape gets enough distinct copies to exceed `--megabytes`, far more
 than the last-level cache, so every product reads its weight from memory as a step does. It also
 times the self-attention input projection of a step: three one-row products with the q, k and v
-slices of the stacked (3D, D) matrix against one two-row product with the whole matrix.
+slices of the stacked (3D, D) matrix against one two-row product with the whole matrix (the step
+keeps the three: reading the matrix once in one product was not faster).
 
 Prints GB/s per layout (median of `--repeats` passes over the copies) and writes JSON to
 load_tests/results/bench_gemv_layout.json.

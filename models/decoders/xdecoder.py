@@ -175,16 +175,6 @@ def project(mha: nn.MultiheadAttention, x: torch.Tensor, part: int) -> torch.Ten
     )
 
 
-def project_self_attention(
-    mha: nn.MultiheadAttention, x: torch.Tensor, values_from: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q and k of x, v of values_from (each (L, B, D)), from one product with the whole stacked
-    in_proj: a step then reads the (3D, D) matrix once instead of three slices of it."""
-    d, length = mha.embed_dim, x.shape[0]
-    qkv = F.linear(torch.cat((x, values_from)), mha.in_proj_weight, mha.in_proj_bias)  # (2L, B, 3D)
-    return qkv[:length, :, :d], qkv[:length, :, d : 2 * d], qkv[length:, :, 2 * d :]
-
-
 def attend(
     mha: nn.MultiheadAttention,
     q: torch.Tensor,
@@ -439,7 +429,8 @@ class XDecoder(nn.Module):
             rows = cross.norm(rows + out)
             layer = self.transformer_self_attention_layers[i]
             mha = layer.self_attn
-            q_new, k_new, v_new = project_self_attention(mha, rows + pos, rows)
+            x = rows + pos
+            k_new, v_new = project(mha, x, 1), project(mha, rows, 2)
             if cache:
                 if i == len(state.joint_kv):
                     state.joint_kv.append(self._joint_buffers(state.self_kv[i]))
@@ -450,7 +441,7 @@ class XDecoder(nn.Module):
                 k_before, v_before = state.joint_kv[i] if start > 0 else state.self_kv[i]
                 k_all = torch.cat((k_before[: q + start], k_new), dim=0)
                 v_all = torch.cat((v_before[: q + start], v_new), dim=0)
-            rows = layer.norm(rows + attend(mha, q_new, k_all, v_all, causal))
+            rows = layer.norm(rows + attend(mha, project(mha, x, 0), k_all, v_all, causal))
             rows = self.transformer_ffn_layers[i](rows)
         if cache:
             state.caption_length = start + length
