@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from models.xdecoder import column_major
+
 ROOT = Path(__file__).resolve().parents[1]
 # (out, in) of the matrices one Focal-T caption step reads, and where they are.
 STEP_SHAPES = {
@@ -37,11 +39,6 @@ STEP_SHAPES = {
     "square 512x512 (out_proj, cross q)": (512, 512),
     "FFN out / c_proj 512x2048": (512, 2048),
 }
-
-
-def column_major(weight: torch.Tensor) -> torch.Tensor:
-    """The same (out, in) values with strides (1, out)."""
-    return weight.t().contiguous().t()
 
 
 def pass_seconds(fn: Callable[[torch.Tensor], object], weights: list[torch.Tensor], repeats: int) -> float:

@@ -134,14 +134,6 @@ SEGMENT_TASKS = ("semantic", "instance", "panoptic")
 # instance keeps the top-100 (our default threshold 0.0 keeps every non-empty one).
 OBJECT_MASK_THRESHOLD = 0.8
 OVERLAP_THRESHOLD = 0.8
-
-
-def check_segment_task(task: str) -> None:
-    """`ValueError` naming the choices unless `task` is one of SEGMENT_TASKS (every family)."""
-    if task not in SEGMENT_TASKS:
-        raise ValueError(f"unknown segmentation task {task!r}; use one of {', '.join(SEGMENT_TASKS)}")
-
-
 INSTANCE_TOPK = 100
 INSTANCE_THRESHOLD = 0.0
 # Referring match scores are the cosine of a grounding query with the phrase (the official grounding
@@ -150,6 +142,12 @@ REFER_THRESHOLD = 0.5
 CAPTION_STEPS = 50
 DEMO_WEIGHTS = Path(__file__).with_name("weights") / "demo.safetensors"
 DEMO_SEED = 0
+
+
+def check_segment_task(task: str) -> None:
+    """`ValueError` naming the choices unless `task` is one of SEGMENT_TASKS (every family)."""
+    if task not in SEGMENT_TASKS:
+        raise ValueError(f"unknown segmentation task {task!r}; use one of {', '.join(SEGMENT_TASKS)}")
 
 
 def build_model(name: str, checkpoint: str | Path | None) -> tuple[XDecoderModel, str]:

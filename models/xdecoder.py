@@ -26,6 +26,11 @@ from models.pixel_decoders.fpn_encoder import TransformerEncoderPixelDecoder
 from models.pixel_decoders.ms_deform import MSDeformAttnPixelDecoder
 
 
+def column_major(weight: torch.Tensor) -> torch.Tensor:
+    """The same (out, in) values stored with strides (1, out): its transpose is contiguous."""
+    return weight.t().contiguous().t()
+
+
 class SemSegHead(nn.Module):
     def __init__(self, cfg: XDecoderConfig, in_channels: list[int]) -> None:
         super().__init__()
@@ -114,11 +119,8 @@ class XDecoderModel(nn.Module):
         weights = [p for m in step_modules for p in m.parameters() if p.dim() == 2]
         weights.append(self.text_encoder.lang_encoder.token_embedding.weight)
         for weight in weights:
-            out_features, in_features = weight.shape
-            if out_features > in_features:
-                weight.data = weight.data.t().contiguous().t()
-            else:
-                weight.data = weight.data.contiguous()
+            expanding = weight.shape[0] > weight.shape[1]  # (out, in)
+            weight.data = column_major(weight.data) if expanding else weight.data.contiguous()
 
     def backbone_embedding(self, features: ImageFeatures) -> torch.Tensor:
         """Global average pool of res5 over each image's own area, @ backbone_proj: (B, D)."""
