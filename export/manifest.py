@@ -88,7 +88,12 @@ def config_dict(name: str) -> dict[str, Any]:
 def config_from_dict(data: dict[str, Any]) -> XDecoderConfig:
     """The `XDecoderConfig` a manifest's `config` holds (the inverse of `config_dict`)."""
     rules = {
-        task: ResizeRule(rule["short"], rule["max_size"], tuple(rule["fixed"]) if rule["fixed"] else None)
+        task: ResizeRule(
+            rule["short"],
+            rule["max_size"],
+            tuple(rule["fixed"]) if rule["fixed"] else None,
+            rule.get("scale"),
+        )
         for task, rule in data["resize"].items()
     }
     backbone = {**data["backbone"], "depths": tuple(data["backbone"]["depths"])}

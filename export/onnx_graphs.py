@@ -30,6 +30,7 @@ from models.language.tokenizer import BOS_ID, EOS_ID
 from models.ops import MSDeformAttn
 from models.ops.onnx_export import export_onnx
 from models.predictor import build_model
+from models.preprocess import padded_size
 from models.xdecoder import XDecoderModel
 
 logger = logging.getLogger(__name__)
@@ -42,11 +43,10 @@ EXAMPLE_LENGTH = 4
 
 
 def default_sizes(model: XDecoderModel) -> list[tuple[int, int]]:
-    """Fixed sizes of a non-dynamic export: each task's fixed size, and short x short for the others."""
+    """Fixed sizes of a non-dynamic export: each task's nominal size (`ResizeRule.nominal_size`), padded."""
     sizes = []
     for rule in model.cfg.resize.values():
-        size = rule.fixed if rule.fixed else (rule.short, rule.short)
-        size = (-(-size[0] // 32) * 32, -(-size[1] // 32) * 32)
+        size = padded_size(*rule.nominal_size())
         if size not in sizes:
             sizes.append(size)
     return sizes

@@ -4,8 +4,9 @@ The batcher queues requests per size bucket (`service.images.size_bucket`: shape
 tall times size class s / m / l). Each task resizes by its rule (`XDecoderConfig.resize`) and pads to
 a multiple of 32, so a bucket maps to a range of padded input sizes. Sampling aspect ratios of every
 shape class (up to `MAX_ASPECT`) gives that range: min and max per axis, the median as the optimum.
-The size classes of one shape class share a profile (a shortest-edge rule resizes them alike), and
-so do shape classes with the same range (a fixed-size rule). Batch ranges come from
+The size classes of one shape class share a profile (a shortest-edge rule resizes them alike; under
+a scale rule the profile spans them all), and so do shape classes with the same range (a fixed-size
+rule). Batch ranges come from
 the batcher's `max_batch_size` (retrieval and image embedding pass every image of a batch at once:
 `max_batch_size * max_retrieve_items`).
 
@@ -55,9 +56,10 @@ class ImageProfile:
 def shape_class_shapes(rule: ResizeRule) -> dict[str, list[tuple[int, int]]]:
     """Padded (H, W) after `rule` of originals of every aspect ratio, per shape class of the batcher.
 
-    The resized shape depends only on the aspect ratio (both rules scale the short side, then cap
-    the long one), so ratios are sampled densely up to `MAX_ASPECT`, including the class
-    boundaries; each sample is classified by `size_bucket` itself.
+    Under a shortest-edge or fixed rule the resized shape depends only on the aspect ratio, so ratios
+    are sampled densely up to `MAX_ASPECT`, including the class boundaries; each sample is classified
+    by `size_bucket` itself. A scale rule also keeps small images small: the large originals give
+    the largest shape of each ratio, and every class also gets the smallest shape (a 1-pixel image).
     """
     from service.images import size_bucket
 
@@ -70,6 +72,9 @@ def shape_class_shapes(rule: ResizeRule) -> dict[str, list[tuple[int, int]]]:
         h, w = (base, round(base * ratio)) if ratio >= 1 else (round(base / ratio), base)
         shape_class = size_bucket(w, h).split("-")[0]
         shapes.setdefault(shape_class, []).append(padded_size(*resized_shape(h, w, rule)))
+    if rule.scale is not None:
+        for samples in shapes.values():
+            samples.append(padded_size(*resized_shape(1, 1, rule)))
     return shapes
 
 

@@ -32,6 +32,7 @@ from export.onnx_graphs import example_inputs
 from export.runtime import ExportedModel, OrtRunner, load_exported
 from models.postprocess import retrieval_scores
 from models.predictor import build_model
+from models.preprocess import padded_size
 from models.reference_compare import compare_array
 
 ATOL = 1e-4
@@ -228,10 +229,8 @@ def verify_export(
         return compare_family_graphs(directory, manifest, model, sizes, seed)
     exported = load_exported(directory, "onnxruntime")
     if sizes is None:
-        base = max((rule.fixed or (rule.short, rule.short)) for rule in model.cfg.resize.values())
-        sizes = check_sizes(
-            manifest.input_sizes, manifest.dynamic, (-(-base[0] // 32) * 32, -(-base[1] // 32) * 32)
-        )
+        base = max(rule.nominal_size() for rule in model.cfg.resize.values())
+        sizes = check_sizes(manifest.input_sizes, manifest.dynamic, padded_size(*base))
     checks = compare_graphs(exported, model, sizes, seed)
     if reference is not None:
         checks += compare_reference_case(exported, Path(reference))

@@ -117,7 +117,7 @@ def main() -> None:
     for name in args.models.split(","):
         if name == "demo":
             rule = build_model("demo", None)[0].cfg.resize["segmentation"]
-            size = rule.fixed or (rule.short, rule.short)
+            size = rule.nominal_size()
         else:
             h, w = (int(v) for v in args.focalt_size.split("x"))
             size = (h, w)

@@ -28,6 +28,7 @@ from export.runtime import load_exported
 from export.tensorrt_build import build_engines
 from models.checkpoint import reference_checkpoint
 from models.predictor import build_model
+from models.preprocess import padded_size
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "gpu_runtimes"
@@ -87,8 +88,7 @@ def check_model(name: str, batches: list[int], repeats: int) -> None:
             except Exception as exc:  # reported as a failed check, the others still run
                 row(f"{name} tensorrt build {precision}", "fail", f"{type(exc).__name__}: {exc}"[:300])
     rule = model.cfg.resize["segmentation"]
-    size = rule.fixed or (rule.short, rule.short)
-    size = (-(-size[0] // 32) * 32, -(-size[1] // 32) * 32)
+    size = padded_size(*rule.nominal_size())
     with torch.inference_mode():
         for batch in batches:
             images = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(batch)).cuda()

@@ -86,11 +86,30 @@ class DecoderConfig:
 
 @dataclass(frozen=True)
 class ResizeRule:
-    """`short`/`max_size`: detectron2 ResizeShortestEdge; `fixed`: exact (h, w), aspect not kept."""
+    """How a task resizes its input, one of three kinds:
+
+    - `short`/`max_size`: detectron2 ResizeShortestEdge (the released models);
+    - `fixed`: exact (h, w), aspect not kept;
+    - `scale`/`max_size`: both sides times `scale`, so that a thing keeps its size in pixels whatever
+      the size of the image (the demo model's size words depend on it); larger images are scaled
+      down further until the long side is at most `max_size`.
+    """
 
     short: int | None = None
     max_size: int | None = None
     fixed: tuple[int, int] | None = None
+    scale: float | None = None
+
+    def nominal_size(self) -> tuple[int, int]:
+        """A representative (h, w) of the rule's outputs (fixed exports and benchmarks use it): the
+        fixed size, short x short, or max_size x max_size for a scale rule."""
+        if self.fixed is not None:
+            return self.fixed
+        if self.scale is not None:
+            assert self.max_size is not None
+            return self.max_size, self.max_size
+        assert self.short is not None
+        return self.short, self.short
 
 
 def official_resize() -> dict[str, ResizeRule]:
@@ -133,7 +152,8 @@ _CONFIGS: dict[str, XDecoderConfig] = {
     # The embedded demo model (models/demo/README.md): trained on ShapesWorld by `openset train-demo`,
     # weights in models/weights/demo.safetensors (fp16). Same modules as the released models, scaled
     # down, with the multi-scale deformable attention pixel decoder and the real CLIP vocabulary.
-    # Every task takes a fixed 160x160 input (the training size).
+    # Every task scales its input by 0.4 (long side at most 180): ShapesWorld images of 192 to 448
+    # pixels become 77 to 179, and a radius keeps its size in pixels, as the size words need.
     "demo": XDecoderConfig(
         name="demo",
         backbone=FocalNetConfig(variant="focal_dw", embed_dim=24, depths=(1, 1, 2, 1), focal_levels=2),
@@ -142,7 +162,7 @@ _CONFIGS: dict[str, XDecoderConfig] = {
         ),
         decoder=DecoderConfig(hidden_dim=64, num_heads=4, dim_feedforward=256, num_layers=6, num_queries=17),
         text=TextEncoderConfig(width=64, layers=2, heads=4, projection_dim=64),
-        resize={task: ResizeRule(fixed=(160, 160)) for task in official_resize()},
+        resize={task: ResizeRule(scale=0.4, max_size=180) for task in official_resize()},
         released=False,
     ),
 }

@@ -255,9 +255,12 @@ class Predictor:
         cfg = self.model.cfg
         sizes = {}
         for task, rule in self.model.cfg.resize.items():
-            sizes[task] = (
-                {"fixed": list(rule.fixed)} if rule.fixed else {"short": rule.short, "max": rule.max_size}
-            )
+            if rule.fixed:
+                sizes[task] = {"fixed": list(rule.fixed)}
+            elif rule.scale:
+                sizes[task] = {"scale": rule.scale, "max": rule.max_size}
+            else:
+                sizes[task] = {"short": rule.short, "max": rule.max_size}
         return {
             "name": self.name,
             "model_id": self.model_id,

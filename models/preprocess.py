@@ -1,7 +1,8 @@
 """Image preprocessing of the official X-Decoder evaluation paths.
 
 decode (PIL, EXIF transpose, RGB, uint8 HWC)
--> resize with PIL bilinear by the task's rule (shortest edge 800/1333, 512/1024, or 224x224)
+-> resize with PIL bilinear by the task's rule (shortest edge 800/1333, 512/1024, or 224x224;
+   the demo model: a constant scale)
 -> (x - mean) / std on the 0-255 scale, CHW float32
 -> zero-pad right/bottom (after normalisation) to a multiple of 32; a batch pads to its largest.
 """
@@ -42,7 +43,11 @@ def resized_shape(h: int, w: int, rule: ResizeRule) -> tuple[int, int]:
     """Output (h, w) of the rule; ResizeShortestEdge rounds with int(x + 0.5)."""
     if rule.fixed is not None:
         return rule.fixed
-    assert rule.short is not None and rule.max_size is not None
+    assert rule.max_size is not None
+    if rule.scale is not None:
+        scale = min(rule.scale, rule.max_size / max(h, w))
+        return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+    assert rule.short is not None
     scale = rule.short / min(h, w)
     new_h, new_w = (rule.short, scale * w) if h < w else (scale * h, rule.short)
     if max(new_h, new_w) > rule.max_size:

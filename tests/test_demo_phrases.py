@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.demo.data import make_example
+from models.configs import get_config
+from models.demo.data import make_example, thing_vocabulary
 from models.demo.evaluate import parse_caption
 from models.demo.phrases import FORMS, perturbed_caption, sample_phrase, scene_mentions
-from models.demo.shapesworld import HELD_OUT, Scene, render_scene
+from models.demo.shapesworld import HELD_OUT, SHAPES, THING_COLOURS, Scene, render_scene
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +67,45 @@ def test_training_phrases_and_negatives_never_name_held_out(scenes: list[Scene])
         assert not any(h in negative for h in held), negative
 
 
+def test_shape_contrast_phrases_keep_a_present_colour_on_an_absent_combination(scenes: list[Scene]) -> None:
+    rng = np.random.default_rng(2)
+    contrasts = 0
+    for scene in scenes:
+        phrase = sample_phrase(rng, scene, form="absent", shape_contrast_share=1.0)
+        if phrase.form != "absent":  # every combination in a present colour is present or held out
+            continue
+        colour, shape = phrase.text.split()[1:]
+        assert phrase.targets == []
+        assert (colour, shape) not in HELD_OUT
+        assert all((t.colour, t.shape) != (colour, shape) for t in scene.things)
+        assert colour in {t.colour for t in scene.things}
+        contrasts += 1
+    assert contrasts >= len(scenes) // 2
+
+
+def test_training_vocabulary_names_every_shape_contrast(scenes: list[Scene]) -> None:
+    rng = np.random.default_rng(4)
+    for scene in scenes:
+        vocabulary = thing_vocabulary(False, rng, scene, allow_held_out=False)
+        present = {t.name for t in scene.things}
+        assert present <= set(vocabulary) and len(set(vocabulary)) == len(vocabulary)
+        for colour in {t.colour for t in scene.things}:
+            for shape in SHAPES:
+                if (colour, shape) not in HELD_OUT:
+                    assert f"{colour} {shape}" in vocabulary
+        assert not any(f"{c} {s}" in vocabulary for c, s in HELD_OUT)
+        assert all(name.split()[0] in THING_COLOURS for name in vocabulary)
+        by_shape = thing_vocabulary(True, rng, scene, allow_held_out=False)
+        assert set(by_shape) <= set(SHAPES) and {t.shape for t in scene.things} <= set(by_shape)
+
+
 def test_example_targets_cover_the_image() -> None:
-    example = make_example(np.random.default_rng(3), 160)
-    assert example.image.shape == (3, 160, 160)
-    assert example.masks.shape[1:] == (160, 160)
+    rule = get_config("demo").resize["segmentation"]
+    example = make_example(np.random.default_rng(3), rule)
+    h, w = example.size
+    assert example.image.shape == (3, h, w)
+    assert min(h, w) >= int(192 * rule.scale) and max(h, w) <= int(448 * rule.scale + 0.5)
+    assert example.masks.shape[1:] == (h, w)
     # things and stuff partition the image: soft masks sum to one everywhere
     np.testing.assert_allclose(example.masks.sum(0).numpy(), 1.0, atol=1e-5)
     assert int(example.labels.max()) < len(example.vocabulary)

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from models.configs import get_config
-from models.demo.data import make_batch
+from models.demo.data import ExampleStream, make_batch
 from models.demo.losses import recipe_losses
 from models.demo.msda_grad import enable_msda_gradients
-from models.demo.train import TrainSettings, build_optimizer, input_size, train
+from models.demo.probes import RegionProbes, region_features
+from models.demo.train import TrainSettings, build_optimizer, train, training_rule
 from models.language.tokenizer import ClipTokenizer
 from models.ops import MSDeformAttn, ms_deform_attn_reference
 from models.predictor import Predictor
@@ -50,11 +51,12 @@ def test_a_few_steps_lower_the_loss() -> None:
     enable_msda_gradients()
     model = XDecoderModel(get_config("demo")).train()
     tokenizer = ClipTokenizer()
-    examples = make_batch(np.random.default_rng(0), 2, input_size(model))
-    optimizer = build_optimizer(model, TrainSettings(lr=2e-3))
+    batch = make_batch(np.random.default_rng(0), 2, training_rule(model))
+    probes = RegionProbes.for_model(model.cfg)
+    optimizer = build_optimizer(model, TrainSettings(lr=2e-3), probes)
 
     def loss() -> dict[str, torch.Tensor]:
-        return recipe_losses(model, tokenizer, examples, np.random.default_rng(1))
+        return recipe_losses(model, probes, tokenizer, batch, np.random.default_rng(1))
 
     first = loss()
     for _ in range(6):
@@ -63,7 +65,7 @@ def test_a_few_steps_lower_the_loss() -> None:
         optimizer.step()
     last = loss()
     assert float(last["loss"].detach()) < 0.8 * float(first["loss"].detach())
-    for task in ("seg", "ground", "caption"):
+    for task in ("seg", "ground", "caption", "probe"):
         assert float(last[task]) < float(first[task]), task
 
 
@@ -82,3 +84,42 @@ def test_train_writes_loadable_fp16_weights(tmp_path: Path) -> None:
     assert predictor.model.backbone_proj.dtype == torch.float32
     image = np.zeros((200, 300, 3), dtype=np.uint8)
     assert isinstance(predictor.caption([image])[0], str)
+
+
+def test_example_stream_uses_every_example_once_oldest_first() -> None:
+    rule = get_config("demo").resize["segmentation"]
+    stream = ExampleStream(np.random.default_rng(5), rule, batch_size=4, pool_size=12)
+    seen: list[int] = []
+    for _ in range(6):
+        if stream.pool:
+            oldest = stream.pool[0]
+        batch = stream.next_batch()
+        if seen:
+            assert any(ex is oldest for ex in batch.examples)  # nobody waits forever
+        seen += [id(ex) for ex in batch.examples]
+        big = tuple(batch.images.shape[-2:])
+        for i, ex in enumerate(batch.examples):
+            assert ex.masks.shape[-2:] == big and ex.phrase_masks.shape[-2:] == big
+            h, w = ex.size
+            assert torch.all(batch.images[i, :, h:] == 0) and torch.all(ex.masks[:, :, w:] == 0)
+        if batch.padded_sizes is not None:
+            assert max(batch.padded_sizes) <= big and len(set(batch.padded_sizes)) > 1
+    assert len(set(seen)) == len(seen) == 24
+
+
+def test_region_features_average_each_things_own_pixels() -> None:
+    batch = make_batch(np.random.default_rng(6), 2, get_config("demo").resize["segmentation"])
+    for ex in batch.examples:
+        things = ex.masks[: ex.shapes.shape[0]]
+        h, w = ex.size
+        # a feature map that is 1 inside the image and 0 in the padding, plus a ramp along x
+        ones = torch.zeros(things.shape[-2:])
+        ones[:h, :w] = 1
+        ramp = torch.arange(things.shape[-1], dtype=torch.float32).expand_as(ones)
+        regions = region_features(torch.stack((ones, ramp)), things)
+        assert regions.shape == (things.shape[0], 2)
+        torch.testing.assert_close(regions[:, 0], torch.ones(things.shape[0]))
+        centres = (things * ramp).sum((1, 2)) / things.sum((1, 2))  # each mask's mean x
+        torch.testing.assert_close(regions[:, 1], centres, atol=1e-3, rtol=1e-4)
+    probes = RegionProbes.for_model(get_config("demo"))
+    assert len(probes.shape) == len(probes.size) == get_config("demo").decoder.num_feature_levels + 1

@@ -18,8 +18,10 @@ from export.runtime import load_exported
 from export.tensorrt_build import plan_profiles, plugin_node_problems
 from models.checkpoint import file_sha256
 from models.configs import get_config
+from models.language.tokenizer import EOS_ID
 from models.ops.onnx_export import PLUGIN_DOMAIN, PLUGIN_NAME
 from models.predictor import Predictor, build_model
+from models.preprocess import padded_size
 from service.cli import main
 
 GRAPHS = {
@@ -174,7 +176,14 @@ def test_exported_model_runs_every_task_like_torch(demo_exports: dict[str, Path]
     ):
         assert len(got.matches) == len(want.matches) > 0
         assert np.allclose([m.score for m in got.matches], [m.score for m in want.matches], atol=1e-4)
-    assert torch.equal(onnx_predictor.caption_tokens(images), torch_predictor.caption_tokens(images))
+    # Tokens agree up to each row's first end-of-text. After it, a row keeps decoding while another
+    # row of its batch has not ended, and the runtime batches by padded size, torch the whole batch.
+    ours, theirs = onnx_predictor.caption_tokens(images), torch_predictor.caption_tokens(images)
+    for mine, want in zip(ours, theirs, strict=True):
+        ends = (want == EOS_ID).nonzero()
+        length = int(ends[0]) + 1 if len(ends) else len(want)
+        assert torch.equal(mine[:length], want[:length])
+    assert onnx_predictor.caption(images) == torch_predictor.caption(images)
     retrieval = ["a cat", "two dogs"]
     assert torch.allclose(
         onnx_predictor.retrieve(images, retrieval), torch_predictor.retrieve(images, retrieval), atol=1e-5
@@ -223,8 +232,13 @@ def test_tensorrt_plan_and_plugin_node_contract(demo_exports: dict[str, Path]) -
         shapes = profile["images"] if "images" in profile else profile["mask_features"]
         for low, opt, high in zip(*shapes, strict=True):
             assert low <= opt <= high
-    (caption,) = plan["caption_state.onnx"]
-    assert caption["mask_features"][2] == [4, 64, 40, 40] and caption["ms0"][2] == [4, 64, 5, 5]
+    caption = plan["caption_state.onnx"]
+    assert len(caption) == 3  # one per shape class (wide, square, tall): the scale rule keeps the aspect
+    rule = get_config("demo").resize["captioning"]
+    big = padded_size(rule.max_size, rule.max_size)[0]
+    largest = max(caption, key=lambda p: p["mask_features"][2][2] * p["mask_features"][2][3])
+    assert largest["mask_features"][2] == [4, 64, big // 4, big // 4]
+    assert largest["ms0"][2] == [4, 64, big // 32, big // 32]
     only_segmentation = plan_profiles(demo_exports["plugin"], tasks=["segmentation"])
     assert set(only_segmentation) == {"image_encoder.onnx", "segment_decoder.onnx", "text_encoder.onnx"}
 

@@ -18,7 +18,7 @@ from export.tensorrt_profiles import (
     input_shapes,
 )
 from export.tensorrt_runtime import pick_profile
-from models.configs import get_config
+from models.configs import ResizeRule, get_config
 from models.preprocess import padded_size, resized_shape
 from service.cli import main
 from service.images import size_bucket
@@ -65,8 +65,18 @@ def test_focalt_segmentation_profiles_follow_the_shortest_edge_rule() -> None:
     assert captioning.height == captioning.width == (224, 224, 224)
 
 
+def test_demo_profiles_span_small_images_up_to_the_long_side_cap() -> None:
+    """The demo's scale rule: a small original stays small, a large one is capped (and padded)."""
+    rule = get_config("demo").resize["segmentation"]
+    for profile in image_profiles(get_config("demo")):
+        assert profile.height[0] == profile.width[0] == 32
+        assert max(profile.height[2], profile.width[2]) == padded_size(rule.max_size, rule.max_size)[0]
+
+
 def test_graph_inputs_get_their_axes_from_the_profile() -> None:
-    (profile,) = [p for p in image_profiles(get_config("demo"), 8) if p.task == "captioning"]
+    cfg = get_config("demo")
+    cfg.resize = {task: ResizeRule(fixed=(160, 160)) for task in cfg.resize}
+    (profile,) = [p for p in image_profiles(cfg, 8) if p.task == "captioning"]
     ranges = axis_ranges(profile)
     inputs = {
         "images": ["batch", 3, "height", "width"],

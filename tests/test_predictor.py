@@ -56,6 +56,17 @@ def test_resize_rounding_and_padding() -> None:
     assert torch.all(batch.tensor[0, :, :, 1203:] == 0)
 
 
+def test_scale_rule_keeps_sizes_in_pixels_up_to_the_cap() -> None:
+    rule = ResizeRule(scale=0.5, max_size=224)
+    assert resized_shape(192, 448, rule) == (96, 224)
+    assert resized_shape(301, 250, rule) == (151, 125)  # int(x + 0.5), as the shortest-edge rule
+    assert resized_shape(1000, 500, rule) == (224, 112)  # past the cap: the long side is 224
+    assert resized_shape(1, 3, rule) == (1, 2)
+    assert rule.nominal_size() == (224, 224)
+    batch = batch_images([np.zeros((192, 448, 3), dtype=np.uint8), np.zeros((300, 250, 3), np.uint8)], rule)
+    assert batch.padded_sizes == [(96, 224), (160, 128)] and batch.tensor.shape == (2, 3, 160, 224)
+
+
 def test_from_config_errors() -> None:
     with pytest.raises(KeyError, match="known configs: xdecoder-focalt, xdecoder-focall, demo"):
         get_config("nope")
@@ -71,8 +82,8 @@ def test_identity_and_info(predictor: Predictor) -> None:
     info = predictor.info
     assert info["name"] == "demo" and info["runtime"] == "torch" and info["device"] == "cpu"
     assert {"semantic", "panoptic", "instance", "refer", "caption", "retrieve"} <= set(info["tasks"])
-    fixed = get_config("demo").resize["segmentation"].fixed
-    assert info["input_sizes"]["segmentation"] == {"fixed": list(fixed)}
+    rule = get_config("demo").resize["segmentation"]
+    assert info["input_sizes"]["segmentation"] == {"scale": rule.scale, "max": rule.max_size}
 
 
 def test_demo_init_is_deterministic(predictor: Predictor) -> None:

@@ -10,6 +10,9 @@
       pooled class query + res5 proj   -> contrastive with the captions (the retrieval score of
                                           `Predictor.retrieve`), perturbed captions as negatives
                                                                                     `loss_retrieval`
+      pixel-decoder levels + mask features -> each thing's shape and size class from its
+                                          mask-averaged features, through training-only linear
+                                          probes (`models.demo.probes`)             `loss_probe`
 
 Class names are embedded with one random prompt template each (the predictor averages all 81).
 """
@@ -20,9 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.decoders.xdecoder import CaptionState, HeadOutput, class_logits, project
-from models.demo.data import Example
+from models.decoders.xdecoder import CaptionState, DecoderMemory, HeadOutput, class_logits, project
+from models.demo.data import Batch
 from models.demo.matching import hungarian_match
+from models.demo.probes import RegionProbes, probe_loss
 from models.language.prompts import PROMPT_TEMPLATES
 from models.language.tokenizer import ClipTokenizer
 from models.predictor import REFER_THRESHOLD
@@ -33,7 +37,7 @@ BACKGROUND_WEIGHT = 0.1  # class-CE weight of unmatched queries (Mask2Former's e
 GROUNDING_SCALE = 10.0  # logit = scale * (cosine - REFER_THRESHOLD)
 GROUNDING_POS_WEIGHT = 4.0
 RETRIEVAL_SCALE = 20.0
-CAPTION_WEIGHT, RETRIEVAL_WEIGHT = 4.0, 2.0
+CAPTION_WEIGHT, RETRIEVAL_WEIGHT, PROBE_WEIGHT = 4.0, 2.0, 2.0
 CAPTION_NEGATIVES = 2048
 
 
@@ -48,16 +52,17 @@ def mask_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tens
     return bce, dice.mean()
 
 
-def flat_masks(masks: torch.Tensor) -> torch.Tensor:
-    """(N, h, w) mask logits -> (N, h * w)."""
-    return masks.flatten(1)
+def flat_masks(masks: torch.Tensor, area: tuple[int, int]) -> torch.Tensor:
+    """(N, h, w) mask logits -> (N, a * b) over the image's own area (a, b) (padding left out)."""
+    return masks[:, : area[0], : area[1]].flatten(1)
 
 
-def pooled_targets(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(N, S, S) soft masks -> (N, h * w) at the mask logits' size, area pooled."""
+def pooled_targets(masks: torch.Tensor, size: tuple[int, int], area: tuple[int, int]) -> torch.Tensor:
+    """(N, H, W) soft masks -> (N, a * b): area pooled to the mask logits' size (h, w), then cut to
+    the image's own area (a, b)."""
     if masks.shape[0] == 0:
-        return masks.new_zeros(0, size[0] * size[1])
-    return F.adaptive_avg_pool2d(masks[None], size)[0].flatten(1)
+        return masks.new_zeros(0, area[0] * area[1])
+    return flat_masks(F.adaptive_avg_pool2d(masks[None], size)[0], area)
 
 
 def class_embeddings(
@@ -85,19 +90,21 @@ def text_features(
 
 def segmentation_loss(
     heads: list[HeadOutput],
-    examples: list[Example],
+    batch: Batch,
     vocab: list[torch.Tensor],
     logit_scale: torch.Tensor,
 ) -> torch.Tensor:
     """Set-matched class CE + mask BCE + dice over the object queries of every head."""
     q = heads[0].embeds.shape[1]  # object queries are 0..q-2; q-1 is the class query
     total = heads[0].embeds.new_zeros(())
+    examples = batch.examples
     size = tuple(heads[0].masks.shape[-2:])
-    targets = [pooled_targets(ex.masks, size) for ex in examples]
+    areas = [batch.mask_area(i, size) for i in range(len(examples))]
+    targets = [pooled_targets(ex.masks, size, area) for ex, area in zip(examples, areas, strict=True)]
     for head in heads:
         for i, ex in enumerate(examples):
             logits = class_logits(head.embeds[i, : q - 1], vocab[i], logit_scale)  # (Q-1, C+1)
-            masks = flat_masks(head.masks[i, : q - 1])
+            masks = flat_masks(head.masks[i, : q - 1], areas[i])
             cost = -logits.softmax(-1)[:, ex.labels]
             rows, cols = hungarian_match(masks, targets[i], cost, (CLASS_WEIGHT, BCE_WEIGHT, DICE_WEIGHT))
             background = vocab[i].shape[0] - 1
@@ -111,21 +118,21 @@ def segmentation_loss(
     return total / len(examples)
 
 
-def grounding_loss(
-    heads: list[HeadOutput], examples: list[Example], phrase_emb: torch.Tensor, q: int
-) -> torch.Tensor:
+def grounding_loss(heads: list[HeadOutput], batch: Batch, phrase_emb: torch.Tensor, q: int) -> torch.Tensor:
     """Grounding copies (rows Q..2Q-2) matched to the phrase's targets: BCE on their scores (matched
     = 1, others = 0, so an absent target leaves every score below the threshold) + mask BCE + dice."""
     total = phrase_emb.new_zeros(())
     text = phrase_emb / (phrase_emb.norm(dim=-1, keepdim=True) + 1e-7)
+    examples = batch.examples
     size = tuple(heads[0].masks.shape[-2:])
-    targets = [pooled_targets(ex.phrase_masks, size) for ex in examples]
+    areas = [batch.mask_area(i, size) for i in range(len(examples))]
+    targets = [pooled_targets(ex.phrase_masks, size, area) for ex, area in zip(examples, areas, strict=True)]
     for head in heads:
         for i in range(len(examples)):
             emb = head.embeds[i, q:]
             cosine = (emb / (emb.norm(dim=-1, keepdim=True) + 1e-7)) @ text[i]
             score = GROUNDING_SCALE * (cosine - REFER_THRESHOLD)
-            masks = flat_masks(head.masks[i, q:])
+            masks = flat_masks(head.masks[i, q:], areas[i])
             cost = -score.sigmoid()[:, None].expand(-1, targets[i].shape[0])
             rows, cols = hungarian_match(masks, targets[i], cost, (CLASS_WEIGHT, BCE_WEIGHT, DICE_WEIGHT))
             labels = torch.zeros_like(score)
@@ -139,10 +146,7 @@ def grounding_loss(
 
 
 def caption_state_from_rows(
-    model: XDecoderModel,
-    rows: list[torch.Tensor],
-    memory_src: list[torch.Tensor],
-    memory_pos: list[torch.Tensor],
+    model: XDecoderModel, rows: list[torch.Tensor], memory: DecoderMemory
 ) -> CaptionState:
     """`XDecoder.caption_state` from the query rows of a segmentation pass already run (keep_rows)."""
     decoder = model.decoder
@@ -150,11 +154,11 @@ def caption_state_from_rows(
     qpos = decoder.query_embed.weight.unsqueeze(1).repeat(1, b, 1)
     cross_kv, cross_pad, self_kv = [], [], []
     for i in range(decoder.num_layers):
-        level = i % len(memory_src)
+        level = i % len(memory.src)
         cross = decoder.transformer_cross_attention_layers[i].multihead_attn
-        src, pos = memory_src[level], memory_pos[level]
+        src, pos = memory.src[level], memory.pos[level]
         cross_kv.append((project(cross, src + pos, 1), project(cross, src, 2)))
-        cross_pad.append(None)
+        cross_pad.append(memory.padding[level] if memory.padding else None)
         attn = decoder.transformer_self_attention_layers[i].self_attn
         self_kv.append((project(attn, rows[i] + qpos, 1), project(attn, rows[i], 2)))
     return CaptionState(cross_kv, cross_pad, self_kv)
@@ -203,11 +207,16 @@ def retrieval_loss(
 
 
 def recipe_losses(
-    model: XDecoderModel, tokenizer: ClipTokenizer, examples: list[Example], rng: np.random.Generator
+    model: XDecoderModel,
+    probes: RegionProbes,
+    tokenizer: ClipTokenizer,
+    batch: Batch,
+    rng: np.random.Generator,
 ) -> dict[str, torch.Tensor]:
-    """All four losses of one batch (see the module docstring)."""
-    images = torch.stack([ex.image for ex in examples])
-    features = model.encode_images(images)
+    """Every loss of one batch (see the module docstring)."""
+    examples = batch.examples
+    features = model.encode_images(batch.images, batch.padded_sizes)
+    loss_probe = probe_loss(probes, [*features.multi_scale, features.memory.mask_features], batch)
     memory = features.memory
     q = model.cfg.decoder.num_queries
     text = model.text_encoder
@@ -218,7 +227,7 @@ def recipe_losses(
     emb = class_embeddings(model, tokenizer, names, rng)
     index = {n: k for k, n in enumerate(names)}
     vocab = [emb[[index[n] for n in [*ex.vocabulary, "background"]]] for ex in examples]
-    loss_seg = segmentation_loss(seg_heads, examples, vocab, text.logit_scale)
+    loss_seg = segmentation_loss(seg_heads, batch, vocab, text.logit_scale)
 
     _, attention, token_feats, phrase_emb = text_features(
         model, tokenizer, [ex.phrase.text for ex in examples]
@@ -226,10 +235,10 @@ def recipe_losses(
     tokens = [token_feats[i][attention[i].bool()] for i in range(len(examples))]
     ground_heads: list[HeadOutput] = []
     model.decoder.forward_grounding(memory, tokens, record=ground_heads)
-    loss_ground = grounding_loss(ground_heads, examples, phrase_emb, q)
+    loss_ground = grounding_loss(ground_heads, batch, phrase_emb, q)
 
     ids, _, caption_feats, caption_emb = text_features(model, tokenizer, [ex.caption for ex in examples])
-    state = caption_state_from_rows(model, rows, memory.src, memory.pos)
+    state = caption_state_from_rows(model, rows, memory)
     loss_caption = caption_loss(model, state, ids, caption_feats, rng)
 
     negatives = [n for ex in examples for n in ex.negatives]
@@ -238,11 +247,18 @@ def recipe_losses(
         last.embeds[:, q - 1], model.backbone_embedding(features), caption_emb, negative_emb
     )
 
-    total = loss_seg + loss_ground + CAPTION_WEIGHT * loss_caption + RETRIEVAL_WEIGHT * loss_retrieval
+    total = (
+        loss_seg
+        + loss_ground
+        + CAPTION_WEIGHT * loss_caption
+        + RETRIEVAL_WEIGHT * loss_retrieval
+        + PROBE_WEIGHT * loss_probe
+    )
     return {
         "loss": total,
         "seg": loss_seg.detach(),
         "ground": loss_ground.detach(),
         "caption": loss_caption.detach(),
         "retrieval": loss_retrieval.detach(),
+        "probe": loss_probe.detach(),
     }

@@ -79,12 +79,16 @@ def _extreme(scene: Scene, indices: list[int], side: str) -> int:
     return min(indices, key=key)
 
 
-def _try_form(rng: np.random.Generator, scene: Scene, form: str, allow_held_out: bool) -> Phrase | None:
+def _try_form(
+    rng: np.random.Generator, scene: Scene, form: str, allow_held_out: bool, shape_contrast_share: float
+) -> Phrase | None:
     things = scene.things
     if form == "absent":
         present = {(t.colour, t.shape) for t in things}
         colours = list(THING_COLOURS)
         pair = (colours[rng.integers(len(colours))], SHAPES[rng.integers(len(SHAPES))])
+        if rng.random() < shape_contrast_share:  # a colour that is present, on another shape
+            pair = (things[rng.integers(len(things))].colour, pair[1])
         if pair in present or (pair in HELD_OUT and not allow_held_out):
             return None
         return Phrase(f"the {pair[0]} {pair[1]}", [], form)
@@ -125,18 +129,23 @@ def sample_phrase(
     weights: tuple[float, ...] = (0.4, 0.15, 0.1, 0.15, 0.2),
     allow_held_out: bool = False,
     form: str | None = None,
+    shape_contrast_share: float = 0.0,
 ) -> Phrase:
     """One phrase for `scene`; the form is drawn with `weights` (in `FORMS` order) unless given.
-    Falls back to a single-target or an absent phrase when the drawn form does not fit."""
+    Falls back to a single-target or an absent phrase when the drawn form does not fit.
+
+    `shape_contrast_share`: the share of absent phrases that take the colour of a thing present and
+    name another shape ("the red star" next to a red circle), so that only the shape tells them apart
+    (training uses it; the evaluation draws absent combinations uniformly)."""
     p = np.asarray(weights) / np.sum(weights)
     for _ in range(50):
         chosen = form or FORMS[rng.choice(len(FORMS), p=p)]
-        phrase = _try_form(rng, scene, chosen, allow_held_out)
+        phrase = _try_form(rng, scene, chosen, allow_held_out, shape_contrast_share)
         if phrase is not None:
             return phrase
     for fallback in ("single", "absent"):
         for _ in range(50):
-            phrase = _try_form(rng, scene, fallback, allow_held_out)
+            phrase = _try_form(rng, scene, fallback, allow_held_out, shape_contrast_share)
             if phrase is not None:
                 return phrase
     # every thing is ambiguous and every combination present: "all <colour> shapes" always fits

@@ -22,10 +22,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from models.checkpoint import REBUILDABLE_BUFFERS, load_checkpoint
-from models.configs import get_config
-from models.demo.data import make_batch
+from models.configs import ResizeRule, get_config
+from models.demo.data import ExampleStream
 from models.demo.losses import recipe_losses
 from models.demo.msda_grad import enable_msda_gradients
+from models.demo.probes import RegionProbes
 from models.language.tokenizer import ClipTokenizer
 from models.predictor import DEMO_WEIGHTS
 from models.xdecoder import XDecoderModel
@@ -48,12 +49,13 @@ class TrainSettings:
     log_every: int = 10
 
 
-def input_size(model: XDecoderModel) -> int:
-    """The square training size: the demo config's fixed segmentation input size."""
-    rule = model.cfg.resize["segmentation"]
-    if rule.fixed is None or rule.fixed[0] != rule.fixed[1]:
-        raise ValueError("demo training needs a fixed square input size in the config's resize rules")
-    return rule.fixed[0]
+def training_rule(model: XDecoderModel) -> ResizeRule:
+    """The resize of the training images: one image serves every task, so the config's tasks must
+    share one rule."""
+    rules = set(model.cfg.resize.values())
+    if len(rules) != 1:
+        raise ValueError(f"demo training needs one resize rule for every task, the config has {rules}")
+    return rules.pop()
 
 
 def save_weights(model: XDecoderModel, path: Path) -> None:
@@ -76,10 +78,14 @@ def init_projections(model: XDecoderModel) -> None:
         nn.init.normal_(p, std=p.shape[0] ** -0.5)
 
 
-def build_optimizer(model: XDecoderModel, settings: TrainSettings) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms, embeddings and other 0/1-d parameters."""
+def build_optimizer(
+    model: XDecoderModel, settings: TrainSettings, probes: RegionProbes
+) -> torch.optim.Optimizer:
+    """AdamW over the model and the training-only probes; no weight decay on biases, norms,
+    embeddings and other 0/1-d parameters."""
     decay, plain = [], []
-    for name, p in model.named_parameters():
+    named = [*model.named_parameters(), *probes.named_parameters(prefix="probes")]
+    for name, p in named:
         if p.ndim < 2 or "embedding" in name or "embed." in name or name.endswith("level_embed"):
             plain.append(p)
         else:
@@ -119,10 +125,11 @@ def run_recipe(settings: TrainSettings, log: Callable[[str], None]) -> list[dict
     else:
         init_projections(model)
     model.train()
-    size = input_size(model)
+    probes = RegionProbes.for_model(model.cfg)
     tokenizer = ClipTokenizer()
-    optimizer = build_optimizer(model, settings)
+    optimizer = build_optimizer(model, settings, probes)
     rng = np.random.default_rng(settings.seed)
+    stream = ExampleStream(rng, training_rule(model), settings.batch_size)
     budget = settings.minutes * 60.0
     start = last_save = time.monotonic()
     history: list[dict[str, float]] = []
@@ -137,7 +144,7 @@ def run_recipe(settings: TrainSettings, log: Callable[[str], None]) -> list[dict
         lr = learning_rate(settings, step, progress)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        losses = recipe_losses(model, tokenizer, make_batch(rng, settings.batch_size, size), rng)
+        losses = recipe_losses(model, probes, tokenizer, stream.next_batch(), rng)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_norm)
