@@ -380,6 +380,11 @@ class XDecoder(nn.Module):
         """Run the query rows once (they never see caption rows) and project, per layer, the keys and
         values the caption rows attend to."""
         _, rows = self.forward_seg(memory, keep_rows=True)
+        return self.caption_state_from_rows(rows, memory)
+
+    def caption_state_from_rows(self, rows: list[torch.Tensor], memory: DecoderMemory) -> CaptionState:
+        """`caption_state` from the query rows (Q, B, D) after each cross-attention of a segmentation
+        pass already run (`forward_seg(..., keep_rows=True)`; training reuses its own pass)."""
         b = memory.mask_features.shape[0]
         qpos = self.query_embed.weight.unsqueeze(1).repeat(1, b, 1)
         cross_kv, cross_pad, self_kv = [], [], []

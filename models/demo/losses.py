@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.decoders.xdecoder import CaptionState, DecoderMemory, HeadOutput, class_logits, project
+from models.decoders.xdecoder import CaptionState, HeadOutput, class_logits
 from models.demo.data import Batch
 from models.demo.matching import hungarian_match
 from models.demo.probes import RegionProbes, probe_loss
@@ -145,25 +145,6 @@ def grounding_loss(heads: list[HeadOutput], batch: Batch, phrase_emb: torch.Tens
     return total / len(examples)
 
 
-def caption_state_from_rows(
-    model: XDecoderModel, rows: list[torch.Tensor], memory: DecoderMemory
-) -> CaptionState:
-    """`XDecoder.caption_state` from the query rows of a segmentation pass already run (keep_rows)."""
-    decoder = model.decoder
-    b = rows[0].shape[1]
-    qpos = decoder.query_embed.weight.unsqueeze(1).repeat(1, b, 1)
-    cross_kv, cross_pad, self_kv = [], [], []
-    for i in range(decoder.num_layers):
-        level = i % len(memory.src)
-        cross = decoder.transformer_cross_attention_layers[i].multihead_attn
-        src, pos = memory.src[level], memory.pos[level]
-        cross_kv.append((project(cross, src + pos, 1), project(cross, src, 2)))
-        cross_pad.append(memory.padding[level] if memory.padding else None)
-        attn = decoder.transformer_self_attention_layers[i].self_attn
-        self_kv.append((project(attn, rows[i] + qpos, 1), project(attn, rows[i], 2)))
-    return CaptionState(cross_kv, cross_pad, self_kv)
-
-
 def caption_loss(
     model: XDecoderModel,
     state: CaptionState,
@@ -238,7 +219,7 @@ def recipe_losses(
     loss_ground = grounding_loss(ground_heads, batch, phrase_emb, q)
 
     ids, _, caption_feats, caption_emb = text_features(model, tokenizer, [ex.caption for ex in examples])
-    state = caption_state_from_rows(model, rows, memory)
+    state = model.decoder.caption_state_from_rows(rows, memory)
     loss_caption = caption_loss(model, state, ids, caption_feats, rng)
 
     negatives = [n for ex in examples for n in ex.negatives]

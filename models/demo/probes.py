@@ -18,10 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.configs import XDecoderConfig
-from models.demo.data import Batch
+from models.demo.data import SIZE_CLASS, Batch
 from models.demo.shapesworld import SHAPES
-
-NUM_SIZE_CLASSES = 3  # small, no size word, large (`models.demo.data.SIZE_CLASS`)
 
 
 class RegionProbes(nn.Module):
@@ -31,7 +29,7 @@ class RegionProbes(nn.Module):
     def __init__(self, dims: list[int]) -> None:
         super().__init__()
         self.shape = nn.ModuleList(nn.Linear(d, len(SHAPES)) for d in dims)
-        self.size = nn.ModuleList(nn.Linear(d, NUM_SIZE_CLASSES) for d in dims)
+        self.size = nn.ModuleList(nn.Linear(d, len(SIZE_CLASS)) for d in dims)
 
     @classmethod
     def for_model(cls, cfg: XDecoderConfig) -> RegionProbes:
