@@ -19,14 +19,17 @@ Class names are embedded with one random prompt template each (the predictor ave
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from models.decoders.xdecoder import CaptionState, HeadOutput, class_logits
-from models.demo.data import Batch
+from models.demo.data import SIZE_CLASS, Batch
 from models.demo.matching import hungarian_match
-from models.demo.probes import RegionProbes, probe_loss
+from models.demo.probes import PROBE_BACKBONE, QUERY_PROBES, RegionProbes, probe_loss, query_probe_loss
+from models.demo.shapesworld import SHAPES, THING_COLOURS
 from models.language.prompts import PROMPT_TEMPLATES
 from models.language.tokenizer import ClipTokenizer
 from models.predictor import REFER_THRESHOLD
@@ -39,6 +42,7 @@ GROUNDING_POS_WEIGHT = 4.0
 RETRIEVAL_SCALE = 20.0
 CAPTION_WEIGHT, RETRIEVAL_WEIGHT, PROBE_WEIGHT = 4.0, 2.0, 2.0
 CAPTION_NEGATIVES = 2048
+CONTENT_TOKEN_WEIGHT = 3.0  # caption tokens of size words, colours and shapes (what a mention needs)
 
 
 def mask_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,20 +97,26 @@ def segmentation_loss(
     batch: Batch,
     vocab: list[torch.Tensor],
     logit_scale: torch.Tensor,
-) -> torch.Tensor:
-    """Set-matched class CE + mask BCE + dice over the object queries of every head."""
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Set-matched class CE + mask BCE + dice over the object queries of every head, and the last
+    head's queries matched to things: (embeds (M, D), shapes (M,), size classes (M,))."""
     q = heads[0].embeds.shape[1]  # object queries are 0..q-2; q-1 is the class query
     total = heads[0].embeds.new_zeros(())
     examples = batch.examples
     size = tuple(heads[0].masks.shape[-2:])
     areas = [batch.mask_area(i, size) for i in range(len(examples))]
     targets = [pooled_targets(ex.masks, size, area) for ex, area in zip(examples, areas, strict=True)]
+    matched: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for head in heads:
+        matched.clear()
         for i, ex in enumerate(examples):
             logits = class_logits(head.embeds[i, : q - 1], vocab[i], logit_scale)  # (Q-1, C+1)
             masks = flat_masks(head.masks[i, : q - 1], areas[i])
             cost = -logits.softmax(-1)[:, ex.labels]
             rows, cols = hungarian_match(masks, targets[i], cost, (CLASS_WEIGHT, BCE_WEIGHT, DICE_WEIGHT))
+            things = cols[cols < ex.shapes.shape[0]]
+            queries = rows[cols < ex.shapes.shape[0]]
+            matched.append((head.embeds[i, queries], ex.shapes[things], ex.size_classes[things]))
             background = vocab[i].shape[0] - 1
             labels = torch.full((q - 1,), background, dtype=torch.long)
             labels[rows] = ex.labels[cols]
@@ -115,7 +125,8 @@ def segmentation_loss(
             ce = F.cross_entropy(logits, labels, weight=weight)
             bce, dice = mask_losses(masks[rows], targets[i][cols])
             total = total + CLASS_WEIGHT * ce + BCE_WEIGHT * bce + DICE_WEIGHT * dice
-    return total / len(examples)
+    embeds, shapes, sizes = (torch.cat(parts) for parts in zip(*matched, strict=True))
+    return total / len(examples), (embeds, shapes, sizes)
 
 
 def grounding_loss(heads: list[HeadOutput], batch: Batch, phrase_emb: torch.Tensor, q: int) -> torch.Tensor:
@@ -145,12 +156,20 @@ def grounding_loss(heads: list[HeadOutput], batch: Batch, phrase_emb: torch.Tens
     return total / len(examples)
 
 
+@functools.cache
+def content_token_ids(tokenizer: ClipTokenizer) -> torch.Tensor:
+    """Token ids of the words a caption mention is scored on: size words, colours and shapes."""
+    words = [*(w for w in SIZE_CLASS if w), *THING_COLOURS, *SHAPES]
+    return torch.tensor(sorted({i for w in words for i in tokenizer.tokenize(w)}), dtype=torch.long)
+
+
 def caption_loss(
     model: XDecoderModel,
     state: CaptionState,
     ids: torch.Tensor,
     feats: torch.Tensor,
     rng: np.random.Generator,
+    content_ids: torch.Tensor,
 ) -> torch.Tensor:
     """Next-token CE: caption row s predicts id s+1, up to and including the first end-of-text.
 
@@ -160,6 +179,8 @@ def caption_loss(
     targets = ids[:, 1:].clone()
     eos = ids.argmax(dim=1)
     targets[torch.arange(targets.shape[1])[None] >= eos[:, None]] = -100
+    weights = torch.where(torch.isin(targets, content_ids), CONTENT_TOKEN_WEIGHT, 1.0)
+    weights[targets < 0] = 0.0
     vocab = model.text_encoder.lang_encoder.token_embedding.weight
     sampled = torch.from_numpy(rng.integers(0, vocab.shape[0], CAPTION_NEGATIVES))
     candidates = torch.cat((targets[targets >= 0], sampled)).unique()
@@ -167,7 +188,8 @@ def caption_loss(
     position[candidates] = torch.arange(len(candidates))
     targets = torch.where(targets >= 0, position[targets.clamp_min(0)], targets)
     logits = rows @ vocab[candidates].T  # (B, L-1, K)
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+    return (ce * weights.flatten()).sum() / weights.sum()
 
 
 def retrieval_loss(
@@ -197,7 +219,10 @@ def recipe_losses(
     """Every loss of one batch (see the module docstring)."""
     examples = batch.examples
     features = model.encode_images(batch.images, batch.padded_sizes)
-    loss_probe = probe_loss(probes, [*features.multi_scale, features.memory.mask_features], batch)
+    levels = [*features.multi_scale, features.memory.mask_features]
+    if PROBE_BACKBONE:
+        levels = [*features.backbone.values(), *levels]
+    loss_probe = probe_loss(probes, levels, batch)
     memory = features.memory
     q = model.cfg.decoder.num_queries
     text = model.text_encoder
@@ -208,7 +233,9 @@ def recipe_losses(
     emb = class_embeddings(model, tokenizer, names, rng)
     index = {n: k for k, n in enumerate(names)}
     vocab = [emb[[index[n] for n in [*ex.vocabulary, "background"]]] for ex in examples]
-    loss_seg = segmentation_loss(seg_heads, batch, vocab, text.logit_scale)
+    loss_seg, matched = segmentation_loss(seg_heads, batch, vocab, text.logit_scale)
+    if QUERY_PROBES:
+        loss_probe = loss_probe + query_probe_loss(probes, *matched)
 
     _, attention, token_feats, phrase_emb = text_features(
         model, tokenizer, [ex.phrase.text for ex in examples]
@@ -220,7 +247,7 @@ def recipe_losses(
 
     ids, _, caption_feats, caption_emb = text_features(model, tokenizer, [ex.caption for ex in examples])
     state = model.decoder.caption_state_from_rows(rows, memory)
-    loss_caption = caption_loss(model, state, ids, caption_feats, rng)
+    loss_caption = caption_loss(model, state, ids, caption_feats, rng, content_token_ids(tokenizer))
 
     negatives = [n for ex in examples for n in ex.negatives]
     _, _, _, negative_emb = text_features(model, tokenizer, negatives)

@@ -21,21 +21,30 @@ from models.configs import XDecoderConfig
 from models.demo.data import SIZE_CLASS, Batch
 from models.demo.shapesworld import SHAPES
 
+PROBE_BACKBONE = True
+QUERY_PROBES = True
+
 
 class RegionProbes(nn.Module):
     """Per feature level (of `dims` channels), a linear layer to shape logits and one to size-class
     logits."""
 
-    def __init__(self, dims: list[int]) -> None:
+    def __init__(self, dims: list[int], query_dim: int) -> None:
         super().__init__()
         self.shape = nn.ModuleList(nn.Linear(d, len(SHAPES)) for d in dims)
         self.size = nn.ModuleList(nn.Linear(d, len(SIZE_CLASS)) for d in dims)
+        self.query_shape = nn.Linear(query_dim, len(SHAPES))
+        self.query_size = nn.Linear(query_dim, len(SIZE_CLASS))
 
     @classmethod
     def for_model(cls, cfg: XDecoderConfig) -> RegionProbes:
-        """Probes on the pixel decoder's levels and the mask features (what `probe_loss` is given)."""
+        """Probes on the backbone levels, the pixel decoder's levels and the mask features (what
+        `probe_loss` is given), and on the matched object queries' class embeddings."""
         levels = cfg.decoder.num_feature_levels
-        return cls([cfg.pixel_decoder.conv_dim] * levels + [cfg.pixel_decoder.mask_dim])
+        dims = [cfg.pixel_decoder.conv_dim] * levels + [cfg.pixel_decoder.mask_dim]
+        if PROBE_BACKBONE:
+            dims = cfg.backbone.out_channels + dims
+        return cls(dims, cfg.text.projection_dim)
 
 
 def region_features(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -62,3 +71,14 @@ def probe_loss(probes: RegionProbes, feature_maps: list[torch.Tensor], batch: Ba
         total = total + F.cross_entropy(probes.shape[level](regions), shapes)
         total = total + F.cross_entropy(probes.size[level](regions), sizes)
     return total
+
+
+def query_probe_loss(
+    probes: RegionProbes, embeds: torch.Tensor, shapes: torch.Tensor, sizes: torch.Tensor
+) -> torch.Tensor:
+    """Shape + size-class cross-entropy of the object queries matched to things: embeds (M, D),
+    shapes and size classes (M,)."""
+    if embeds.shape[0] == 0:
+        return embeds.sum() * 0.0
+    shape_ce = F.cross_entropy(probes.query_shape(embeds), shapes)
+    return shape_ce + F.cross_entropy(probes.query_size(embeds), sizes)
