@@ -10,9 +10,10 @@ import torch
 
 from models.configs import get_config
 from models.demo.data import ExampleStream, make_batch
-from models.demo.losses import recipe_losses
+from models.demo.losses import content_token_ids, recipe_losses, segmentation_loss
 from models.demo.msda_grad import enable_msda_gradients
 from models.demo.probes import RegionProbes, region_features
+from models.demo.shapesworld import SHAPES, THING_COLOURS
 from models.demo.train import TrainSettings, build_optimizer, train, training_rule
 from models.language.tokenizer import ClipTokenizer
 from models.ops import MSDeformAttn, ms_deform_attn_reference
@@ -121,5 +122,41 @@ def test_region_features_average_each_things_own_pixels() -> None:
         torch.testing.assert_close(regions[:, 0], torch.ones(things.shape[0]))
         centres = (things * ramp).sum((1, 2)) / things.sum((1, 2))  # each mask's mean x
         torch.testing.assert_close(regions[:, 1], centres, atol=1e-3, rtol=1e-4)
-    probes = RegionProbes.for_model(get_config("demo"))
-    assert len(probes.shape) == len(probes.size) == get_config("demo").decoder.num_feature_levels + 1
+    cfg = get_config("demo")
+    probes = RegionProbes.for_model(cfg)
+    levels = len(cfg.backbone.depths) + cfg.decoder.num_feature_levels + 1  # backbone, pixel decoder, masks
+    assert len(probes.shape) == len(probes.size) == levels
+
+
+def test_segmentation_loss_hands_back_every_thing_matched_once() -> None:
+    torch.manual_seed(0)
+    model = XDecoderModel(get_config("demo")).train()
+    batch = make_batch(np.random.default_rng(7), 2, training_rule(model))
+    features = model.encode_images(batch.images, batch.padded_sizes)
+    heads: list = []
+    model.decoder.forward_seg(features.memory, record=heads)
+    dim = model.cfg.text.projection_dim
+    vocab = [
+        torch.nn.functional.normalize(torch.randn(len(ex.vocabulary) + 1, dim), dim=-1)
+        for ex in batch.examples
+    ]
+    loss, (embeds, shapes, sizes, orders) = segmentation_loss(
+        heads, batch, vocab, model.text_encoder.logit_scale
+    )
+    assert torch.isfinite(loss)
+    things = sum(ex.shapes.shape[0] for ex in batch.examples)
+    assert embeds.shape == (things, dim)
+    # the matched things are each image's things, each once (matching order within an image)
+    for got, key in ((shapes, "shapes"), (sizes, "size_classes"), (orders, "caption_order")):
+        expected = torch.cat([getattr(ex, key).sort().values for ex in batch.examples])
+        start = 0
+        for ex in batch.examples:
+            n = ex.shapes.shape[0]
+            torch.testing.assert_close(got[start : start + n].sort().values, expected[start : start + n])
+            start += n
+
+
+def test_caption_content_tokens_are_the_mention_words() -> None:
+    tokenizer = ClipTokenizer()
+    words = {tokenizer.decode([int(i)]).strip() for i in content_token_ids(tokenizer)}
+    assert words == {"small", "large", *THING_COLOURS, *SHAPES}

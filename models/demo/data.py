@@ -55,6 +55,7 @@ class Example:
     negatives: list[str]
     shapes: torch.Tensor  # (T,) the things' shapes (index into SHAPES); masks[:T] are the things
     size_classes: torch.Tensor  # (T,) 0 small, 1 no size word, 2 large
+    caption_order: torch.Tensor  # (T,) each thing's place in the caption (left to right by centre)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -143,7 +144,16 @@ def make_example(rng: np.random.Generator, rule: ResizeRule, allow_held_out: boo
         negatives=negatives,
         shapes=torch.tensor([SHAPES.index(t.shape) for t in scene.things], dtype=torch.long),
         size_classes=torch.tensor([SIZE_CLASS[t.size_word] for t in scene.things], dtype=torch.long),
+        caption_order=caption_order(scene),
     )
+
+
+def caption_order(scene: Scene) -> torch.Tensor:
+    """(T,) each thing's place among the caption's mentions (the caption's left-to-right sort)."""
+    order = sorted(range(len(scene.things)), key=lambda k: scene.things[k].centre[0])
+    places = torch.empty(len(order), dtype=torch.long)
+    places[order] = torch.arange(len(order))
+    return places
 
 
 def pad_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

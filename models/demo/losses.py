@@ -97,16 +97,16 @@ def segmentation_loss(
     batch: Batch,
     vocab: list[torch.Tensor],
     logit_scale: torch.Tensor,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Set-matched class CE + mask BCE + dice over the object queries of every head, and the last
-    head's queries matched to things: (embeds (M, D), shapes (M,), size classes (M,))."""
+    head's queries matched to things: (embeds (M, D), shapes, size classes, caption places (M,))."""
     q = heads[0].embeds.shape[1]  # object queries are 0..q-2; q-1 is the class query
     total = heads[0].embeds.new_zeros(())
     examples = batch.examples
     size = tuple(heads[0].masks.shape[-2:])
     areas = [batch.mask_area(i, size) for i in range(len(examples))]
     targets = [pooled_targets(ex.masks, size, area) for ex, area in zip(examples, areas, strict=True)]
-    matched: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    matched: list[tuple[torch.Tensor, ...]] = []
     for head in heads:
         matched.clear()
         for i, ex in enumerate(examples):
@@ -116,7 +116,14 @@ def segmentation_loss(
             rows, cols = hungarian_match(masks, targets[i], cost, (CLASS_WEIGHT, BCE_WEIGHT, DICE_WEIGHT))
             things = cols[cols < ex.shapes.shape[0]]
             queries = rows[cols < ex.shapes.shape[0]]
-            matched.append((head.embeds[i, queries], ex.shapes[things], ex.size_classes[things]))
+            matched.append(
+                (
+                    head.embeds[i, queries],
+                    ex.shapes[things],
+                    ex.size_classes[things],
+                    ex.caption_order[things],
+                )
+            )
             background = vocab[i].shape[0] - 1
             labels = torch.full((q - 1,), background, dtype=torch.long)
             labels[rows] = ex.labels[cols]
@@ -125,8 +132,7 @@ def segmentation_loss(
             ce = F.cross_entropy(logits, labels, weight=weight)
             bce, dice = mask_losses(masks[rows], targets[i][cols])
             total = total + CLASS_WEIGHT * ce + BCE_WEIGHT * bce + DICE_WEIGHT * dice
-    embeds, shapes, sizes = (torch.cat(parts) for parts in zip(*matched, strict=True))
-    return total / len(examples), (embeds, shapes, sizes)
+    return total / len(examples), tuple(torch.cat(parts) for parts in zip(*matched, strict=True))
 
 
 def grounding_loss(heads: list[HeadOutput], batch: Batch, phrase_emb: torch.Tensor, q: int) -> torch.Tensor:

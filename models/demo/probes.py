@@ -19,7 +19,7 @@ from torch import nn
 
 from models.configs import XDecoderConfig
 from models.demo.data import SIZE_CLASS, Batch
-from models.demo.shapesworld import SHAPES
+from models.demo.shapesworld import MAX_THINGS, SHAPES
 
 PROBE_BACKBONE = True
 QUERY_PROBES = True
@@ -35,6 +35,7 @@ class RegionProbes(nn.Module):
         self.size = nn.ModuleList(nn.Linear(d, len(SIZE_CLASS)) for d in dims)
         self.query_shape = nn.Linear(query_dim, len(SHAPES))
         self.query_size = nn.Linear(query_dim, len(SIZE_CLASS))
+        self.query_order = nn.Linear(query_dim, MAX_THINGS)
 
     @classmethod
     def for_model(cls, cfg: XDecoderConfig) -> RegionProbes:
@@ -74,11 +75,16 @@ def probe_loss(probes: RegionProbes, feature_maps: list[torch.Tensor], batch: Ba
 
 
 def query_probe_loss(
-    probes: RegionProbes, embeds: torch.Tensor, shapes: torch.Tensor, sizes: torch.Tensor
+    probes: RegionProbes,
+    embeds: torch.Tensor,
+    shapes: torch.Tensor,
+    sizes: torch.Tensor,
+    orders: torch.Tensor,
 ) -> torch.Tensor:
-    """Shape + size-class cross-entropy of the object queries matched to things: embeds (M, D),
-    shapes and size classes (M,)."""
+    """Shape + size-class + caption-place cross-entropy of the object queries matched to things:
+    embeds (M, D); shapes, size classes and places in the caption (M,)."""
     if embeds.shape[0] == 0:
         return embeds.sum() * 0.0
     shape_ce = F.cross_entropy(probes.query_shape(embeds), shapes)
-    return shape_ce + F.cross_entropy(probes.query_size(embeds), sizes)
+    size_ce = F.cross_entropy(probes.query_size(embeds), sizes)
+    return shape_ce + size_ce + F.cross_entropy(probes.query_order(embeds), orders)

@@ -44,6 +44,7 @@ MIN_VISIBLE_FRACTION = 0.6
 SMALL_BELOW, LARGE_ABOVE = 28.0, 48.0
 STAR_INNER_RATIO = 0.45
 MAX_PLACEMENT_TRIES = 1000
+MAX_THINGS = 5  # one to five shapes per image
 
 
 @dataclass
@@ -227,7 +228,7 @@ def render_scene(rng: np.random.Generator, allow_held_out: bool = False) -> Scen
         image[y_start:y_end] = np.asarray(STUFF_COLOURS[name], dtype=np.int16) + noise
     image = np.clip(image, 0, 255).astype(np.uint8)
 
-    kinds = sample_thing_kinds(rng, int(rng.integers(1, 6)), allow_held_out)
+    kinds = sample_thing_kinds(rng, int(rng.integers(1, MAX_THINGS + 1)), allow_held_out)
     for _ in range(MAX_PLACEMENT_TRIES):
         things = place_things(rng, kinds, (height, width))
         if things is not None:
