@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models.configs import get_config
-from models.demo.data import ExampleStream, make_batch
+from models.demo.data import Example, ExampleStream, make_batch
 from models.demo.losses import content_token_ids, recipe_losses, segmentation_loss
 from models.demo.msda_grad import enable_msda_gradients
 from models.demo.probes import RegionProbes, region_features
@@ -90,14 +90,14 @@ def test_train_writes_loadable_fp16_weights(tmp_path: Path) -> None:
 def test_example_stream_uses_every_example_once_oldest_first() -> None:
     rule = get_config("demo").resize["segmentation"]
     stream = ExampleStream(np.random.default_rng(5), rule, batch_size=4, pool_size=12)
-    seen: list[int] = []
+    seen: list[Example] = []  # kept alive, so that no two of them can share an id()
     for _ in range(6):
         if stream.pool:
             oldest = stream.pool[0]
         batch = stream.next_batch()
         if seen:
             assert any(ex is oldest for ex in batch.examples)  # nobody waits forever
-        seen += [id(ex) for ex in batch.examples]
+        seen += batch.examples
         big = tuple(batch.images.shape[-2:])
         for i, ex in enumerate(batch.examples):
             assert ex.masks.shape[-2:] == big and ex.phrase_masks.shape[-2:] == big
@@ -105,7 +105,7 @@ def test_example_stream_uses_every_example_once_oldest_first() -> None:
             assert torch.all(batch.images[i, :, h:] == 0) and torch.all(ex.masks[:, :, w:] == 0)
         if batch.padded_sizes is not None:
             assert max(batch.padded_sizes) <= big and len(set(batch.padded_sizes)) > 1
-    assert len(set(seen)) == len(seen) == 24
+    assert len({id(ex) for ex in seen}) == len(seen) == 24
 
 
 def test_region_features_average_each_things_own_pixels() -> None:
@@ -124,7 +124,7 @@ def test_region_features_average_each_things_own_pixels() -> None:
         torch.testing.assert_close(regions[:, 1], centres, atol=1e-3, rtol=1e-4)
     cfg = get_config("demo")
     probes = RegionProbes.for_model(cfg)
-    levels = len(cfg.backbone.depths) + cfg.decoder.num_feature_levels + 1  # backbone, pixel decoder, masks
+    levels = cfg.decoder.num_feature_levels + 1  # pixel-decoder levels and the mask features
     assert len(probes.shape) == len(probes.size) == levels
 
 

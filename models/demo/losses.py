@@ -6,13 +6,16 @@
       grounding pass (every head)      -> set-matched phrase scores (BCE on the cosine of each
                                           grounding query with the phrase, 0.5 = the decision
                                           threshold of `Predictor.refer`) + mask BCE + dice  `loss_ground`
-      caption rows (teacher forcing)   -> next-token CE against the token embeddings  `loss_caption`
+      caption rows (teacher forcing)   -> next-token CE against the token embeddings, size,
+                                          colour and shape tokens weighted up  `loss_caption`
       pooled class query + res5 proj   -> contrastive with the captions (the retrieval score of
                                           `Predictor.retrieve`), perturbed captions as negatives
                                                                                     `loss_retrieval`
       pixel-decoder levels + mask features -> each thing's shape and size class from its
                                           mask-averaged features, through training-only linear
-                                          probes (`models.demo.probes`)             `loss_probe`
+                                          probes (`models.demo.probes`); the object queries
+                                          matched to things: shape, size class and place in
+                                          the caption, the same way                 `loss_probe`
 
 Class names are embedded with one random prompt template each (the predictor averages all 81).
 """
@@ -28,7 +31,7 @@ import torch.nn.functional as F
 from models.decoders.xdecoder import CaptionState, HeadOutput, class_logits
 from models.demo.data import SIZE_CLASS, Batch
 from models.demo.matching import hungarian_match
-from models.demo.probes import PROBE_BACKBONE, QUERY_PROBES, RegionProbes, probe_loss, query_probe_loss
+from models.demo.probes import RegionProbes, probe_loss, query_probe_loss
 from models.demo.shapesworld import SHAPES, THING_COLOURS
 from models.language.prompts import PROMPT_TEMPLATES
 from models.language.tokenizer import ClipTokenizer
@@ -225,10 +228,7 @@ def recipe_losses(
     """Every loss of one batch (see the module docstring)."""
     examples = batch.examples
     features = model.encode_images(batch.images, batch.padded_sizes)
-    levels = [*features.multi_scale, features.memory.mask_features]
-    if PROBE_BACKBONE:
-        levels = [*features.backbone.values(), *levels]
-    loss_probe = probe_loss(probes, levels, batch)
+    loss_probe = probe_loss(probes, [*features.multi_scale, features.memory.mask_features], batch)
     memory = features.memory
     q = model.cfg.decoder.num_queries
     text = model.text_encoder
@@ -240,8 +240,7 @@ def recipe_losses(
     index = {n: k for k, n in enumerate(names)}
     vocab = [emb[[index[n] for n in [*ex.vocabulary, "background"]]] for ex in examples]
     loss_seg, matched = segmentation_loss(seg_heads, batch, vocab, text.logit_scale)
-    if QUERY_PROBES:
-        loss_probe = loss_probe + query_probe_loss(probes, *matched)
+    loss_probe = loss_probe + query_probe_loss(probes, *matched)
 
     _, attention, token_feats, phrase_emb = text_features(
         model, tokenizer, [ex.phrase.text for ex in examples]

@@ -7,8 +7,10 @@ Colour alone tells most ShapesWorld classes apart, and without a direct signal t
 learn colour and hardly any shape: the class embeddings of `red circle` and `red star` then collapse
 together, since nothing in the image separates them. Per feature level, each thing's features are
 averaged over its true mask (as the decoder's masked attention averages them over a predicted one)
-and a linear layer predicts its shape and its size class (small, no size word, large). The probes
-only shape the features during training: they are not part of the model and are never saved.
+and a linear layer predicts its shape and its size class (small, no size word, large). The object
+queries matched to things get the same two probes plus one for the thing's place in the caption (left
+to right), what the caption rows need to read from them in order. The probes only shape the features
+during training: they are not part of the model and are never saved.
 """
 
 from __future__ import annotations
@@ -20,9 +22,6 @@ from torch import nn
 from models.configs import XDecoderConfig
 from models.demo.data import SIZE_CLASS, Batch
 from models.demo.shapesworld import MAX_THINGS, SHAPES
-
-PROBE_BACKBONE = True
-QUERY_PROBES = True
 
 
 class RegionProbes(nn.Module):
@@ -39,12 +38,10 @@ class RegionProbes(nn.Module):
 
     @classmethod
     def for_model(cls, cfg: XDecoderConfig) -> RegionProbes:
-        """Probes on the backbone levels, the pixel decoder's levels and the mask features (what
-        `probe_loss` is given), and on the matched object queries' class embeddings."""
+        """Probes on the pixel decoder's levels and the mask features (what `probe_loss` is given),
+        and on the class embeddings of the object queries matched to things (`query_probe_loss`)."""
         levels = cfg.decoder.num_feature_levels
         dims = [cfg.pixel_decoder.conv_dim] * levels + [cfg.pixel_decoder.mask_dim]
-        if PROBE_BACKBONE:
-            dims = cfg.backbone.out_channels + dims
         return cls(dims, cfg.text.projection_dim)
 
 
