@@ -109,24 +109,18 @@ def segmentation_loss(
     size = tuple(heads[0].masks.shape[-2:])
     areas = [batch.mask_area(i, size) for i in range(len(examples))]
     targets = [pooled_targets(ex.masks, size, area) for ex, area in zip(examples, areas, strict=True)]
-    matched: list[tuple[torch.Tensor, ...]] = []
+    matched: list[tuple[torch.Tensor, ...]] = []  # the last head's queries matched to things
     for head in heads:
-        matched.clear()
         for i, ex in enumerate(examples):
             logits = class_logits(head.embeds[i, : q - 1], vocab[i], logit_scale)  # (Q-1, C+1)
             masks = flat_masks(head.masks[i, : q - 1], areas[i])
             cost = -logits.softmax(-1)[:, ex.labels]
             rows, cols = hungarian_match(masks, targets[i], cost, (CLASS_WEIGHT, BCE_WEIGHT, DICE_WEIGHT))
-            things = cols[cols < ex.shapes.shape[0]]
-            queries = rows[cols < ex.shapes.shape[0]]
-            matched.append(
-                (
-                    head.embeds[i, queries],
-                    ex.shapes[things],
-                    ex.size_classes[things],
-                    ex.caption_order[things],
-                )
-            )
+            if head is heads[-1]:
+                is_thing = cols < ex.shapes.shape[0]  # segments 0..T-1 are the things
+                things = cols[is_thing]
+                targets_of_things = (ex.shapes[things], ex.size_classes[things], ex.caption_order[things])
+                matched.append((head.embeds[i, rows[is_thing]], *targets_of_things))
             background = vocab[i].shape[0] - 1
             labels = torch.full((q - 1,), background, dtype=torch.long)
             labels[rows] = ex.labels[cols]
@@ -181,6 +175,7 @@ def caption_loss(
     content_ids: torch.Tensor,
 ) -> torch.Tensor:
     """Next-token CE: caption row s predicts id s+1, up to and including the first end-of-text.
+    Targets among `content_ids` (size words, colours, shapes) weigh `CONTENT_TOKEN_WEIGHT` in the mean.
 
     The softmax runs over the ids of the batch's captions plus `CAPTION_NEGATIVES` random ids of the
     vocabulary (a sampled softmax: the full 49,408-way softmax costs a fifth of a step)."""
