@@ -38,6 +38,10 @@ SIZE_CLASS = {"small": 0, None: 1, "large": 2}
 # and half of the absent referring phrases are of that kind: only the shape separates them from what
 # is in the image.
 ABSENT_PHRASE_SHAPE_CONTRASTS = 0.5
+# Phrase forms drawn in training, in `phrases.FORMS` order (single, extreme, relation, all, absent).
+# The evaluation's single-target phrases are a third each of single, extreme and relation; the
+# extreme form ("the red circle on the left") needs the most examples, so it is drawn most often.
+TRAINING_PHRASE_FORMS = (0.2, 0.3, 0.2, 0.1, 0.2)
 
 
 @dataclass
@@ -130,7 +134,11 @@ def make_example(rng: np.random.Generator, rule: ResizeRule, allow_held_out: boo
             segments.append(region.mask)
             labels.append(vocabulary.index(region.name))
     phrase = sample_phrase(
-        rng, scene, allow_held_out=allow_held_out, shape_contrast_share=ABSENT_PHRASE_SHAPE_CONTRASTS
+        rng,
+        scene,
+        TRAINING_PHRASE_FORMS,
+        allow_held_out=allow_held_out,
+        shape_contrast_share=ABSENT_PHRASE_SHAPE_CONTRASTS,
     )
     negatives = [perturbed_caption(rng, scene, allow_held_out) for _ in range(NUM_NEGATIVE_CAPTIONS)]
     return Example(
