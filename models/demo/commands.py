@@ -88,7 +88,7 @@ def run_eval(args: argparse.Namespace) -> int:
     for name, value in scores.items():
         target = TARGETS.get(name)
         note = "" if target is None else f"  (target >= {target}: {'met' if value >= target else 'missed'})"
-        print(f"{name:22s} {value if isinstance(value, str) else round(float(value), 4)}{note}")
+        print(f"{name:30s} {value if isinstance(value, str) else round(float(value), 4)}{note}")
     args.json.write_text(json.dumps(scores, indent=2) + "\n")
     print(f"wrote {args.json}")
     return 0

@@ -5,8 +5,8 @@
 - segmentation: semantic mIoU (per class, accumulated over the images) on seen classes and on the
   held-out combinations, and panoptic quality; vocabulary = the classes present plus 3 absent ones;
 - referring: mean IoU over single-target phrases (`the <desc>`, `... on the <side>`, `... left of
-  ...`; the best match), IoU of the union for `all ...` / `every ...` phrases (every match above
-  the threshold), share of empty answers for phrases naming an absent combination;
+  ...`; the best match), also per form, IoU of the union for `all ...` / `every ...` phrases (every
+  match above the threshold), share of empty answers for phrases naming an absent combination;
 - captioning: F1 of the (size?, colour, shape) and stuff mentions against the true caption;
 - retrieval: text-to-image recall@1 and @5 over galleries of 100 images and their true captions.
 
@@ -28,6 +28,12 @@ from models.predictor import Predictor
 HELD_OUT_NAMES = frozenset(f"{c} {s}" for c, s in HELD_OUT)
 SIZE_WORDS = ("small", "large")
 SINGLE_FORMS = ("single", "extreme", "relation")
+# the score name of each single-target form: "the <desc>", "the <desc> on the <side>", "... left of ..."
+SINGLE_FORM_SCORES = {
+    "single": "refer_miou_description",
+    "extreme": "refer_miou_side",
+    "relation": "refer_miou_relation",
+}
 
 
 @dataclass
@@ -128,6 +134,7 @@ def evaluate_referring(
     predictor: Predictor, scenes: list[Scene], rng: np.random.Generator, batch_size: int
 ) -> dict[str, float]:
     single, multi, empty = [], [], []
+    by_form: dict[str, list[float]] = {form: [] for form in SINGLE_FORMS}
     for group in chunks(scenes, batch_size):
         images = [s.image for s in group]
         for kind in ("single", "all", "absent"):
@@ -150,15 +157,20 @@ def evaluate_referring(
                 if kind == "single":
                     if len(phrase.targets) == 1:  # (a scene where no single-target phrase fits is skipped)
                         single.append(iou(answer, truth))
+                        by_form[phrase.form].append(single[-1])  # a form that does not fit falls back
                 elif not phrase.targets:
                     empty.append(float(not result.matches))
                 else:
                     multi.append(iou(answer, truth))
-    return {
+    scores = {
         "refer_miou_single": float(np.mean(single)) if single else float("nan"),
         "refer_miou_multi": float(np.mean(multi)) if multi else float("nan"),
         "refer_empty_share": float(np.mean(empty)) if empty else float("nan"),
     }
+    for form, name in SINGLE_FORM_SCORES.items():
+        scores[name] = float(np.mean(by_form[form])) if by_form[form] else float("nan")
+        scores[f"{name}_phrases"] = len(by_form[form])
+    return scores
 
 
 def parse_caption(text: str) -> tuple[list[tuple[str | None, str, str]], list[str]]:
