@@ -20,8 +20,8 @@ BARS = {
     "seg_miou_seen": 0.80,  # target 0.85, met on the full evaluation (0.877), 0.864 on this set [0.03]
     "seg_miou_held_out": 0.60,  # target, 0.904 on this set [0.0]
     "refer_miou_single": 0.55,  # lower bar; target 0.70, 0.672 on this set [0.05]
-    "refer_empty_share": 0.50,  # target 0.80, met on the full evaluation (0.83); 14 of 24 absent
-    # phrases on this set (0.583) [1.0: untrained scores never pass 0.5]
+    "refer_empty_share": 0.50,  # target 0.80, met on the full evaluation (0.83); on this set 14 of
+    # the 24 absent phrases get the empty answer (0.583) [1.0: untrained scores never pass 0.5]
     "caption_mention_f1": 0.55,  # lower bar; target 0.80, 0.586 on this set [0.0]
     "caption_stuff_f1": 0.90,  # [0.0]
     "retrieval_r1": 0.70,  # target, 0.917 on this set [0.04]

@@ -157,7 +157,8 @@ def evaluate_referring(
                 if kind == "single":
                     if len(phrase.targets) == 1:  # (a scene where no single-target phrase fits is skipped)
                         single.append(iou(answer, truth))
-                        by_form[phrase.form].append(single[-1])  # a form that does not fit falls back
+                        # (a drawn form that does not fit the scene falls back to `the <desc>`)
+                        by_form[phrase.form].append(single[-1])
                 elif not phrase.targets:
                     empty.append(float(not result.matches))
                 else:
