@@ -40,7 +40,8 @@ SIZE_CLASS = {"small": 0, None: 1, "large": 2}
 ABSENT_PHRASE_SHAPE_CONTRASTS = 0.5
 # Phrase forms drawn in training, in `phrases.FORMS` order (single, extreme, relation, all, absent).
 # The evaluation's single-target phrases are a third each of single, extreme and relation; the
-# extreme form ("the red circle on the left") needs the most examples, so it is drawn most often.
+# extreme form ("the red circle on the left") is the one the model gets wrong most (see the model
+# card), so it is drawn most often.
 TRAINING_PHRASE_FORMS = (0.2, 0.3, 0.2, 0.1, 0.2)
 
 

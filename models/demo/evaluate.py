@@ -27,13 +27,14 @@ from models.predictor import Predictor
 
 HELD_OUT_NAMES = frozenset(f"{c} {s}" for c, s in HELD_OUT)
 SIZE_WORDS = ("small", "large")
-SINGLE_FORMS = ("single", "extreme", "relation")
-# the score name of each single-target form: "the <desc>", "the <desc> on the <side>", "... left of ..."
+# the single-target phrase forms and the name of each one's score: "the <desc>", "the <desc> on
+# the <side>", "the <desc> left of / right of the <desc2>"
 SINGLE_FORM_SCORES = {
     "single": "refer_miou_description",
     "extreme": "refer_miou_side",
     "relation": "refer_miou_relation",
 }
+SINGLE_FORMS = tuple(SINGLE_FORM_SCORES)
 
 
 @dataclass
