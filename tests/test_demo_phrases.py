@@ -116,3 +116,18 @@ def test_example_targets_cover_the_image() -> None:
 def test_parse_caption_reads_back_the_truth(scenes: list[Scene]) -> None:
     for scene in scenes:
         assert parse_caption(scene.caption) == scene_mentions(scene)
+
+
+def test_drawn_forms_keep_their_share_where_the_scene_hosts_them() -> None:
+    """A form that fits few scenes is not crowded out: half the draws ask for the side form, so about
+    half the phrases of scenes with two things of one shape (where it can fit) are of that form."""
+    rng = np.random.default_rng(5)
+    hosting, extreme = 0, 0
+    while hosting < 300:
+        scene = render_scene(rng)
+        shapes = [t.shape for t in scene.things]
+        if len(set(shapes)) == len(shapes):
+            continue
+        hosting += 1
+        extreme += sample_phrase(rng, scene, weights=(0.5, 0.5, 0.0, 0.0, 0.0)).form == "extreme"
+    assert 0.42 <= extreme / hosting <= 0.58, extreme / hosting

@@ -131,15 +131,17 @@ def sample_phrase(
     form: str | None = None,
     shape_contrast_share: float = 0.0,
 ) -> Phrase:
-    """One phrase for `scene`; the form is drawn with `weights` (in `FORMS` order) unless given.
-    Falls back to a single-target or an absent phrase when the drawn form does not fit.
+    """One phrase for `scene`; the form is drawn once with `weights` (in `FORMS` order) unless given.
+    Falls back to a single-target or an absent phrase when the drawn form does not fit the scene.
 
     `shape_contrast_share`: the share of absent phrases that take the colour of a thing present and
     name another shape ("the red star" next to a red circle), so that only the shape tells them apart
     (training uses it; the evaluation draws absent combinations uniformly)."""
     p = np.asarray(weights) / np.sum(weights)
+    # The form is drawn once and retried with new descriptions, so that the forms come in the shares
+    # of `weights`: drawing it again on every miss would favour the forms that fit most scenes.
+    chosen = form or FORMS[rng.choice(len(FORMS), p=p)]
     for _ in range(50):
-        chosen = form or FORMS[rng.choice(len(FORMS), p=p)]
         phrase = _try_form(rng, scene, chosen, allow_held_out, shape_contrast_share)
         if phrase is not None:
             return phrase
