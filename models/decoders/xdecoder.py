@@ -405,13 +405,16 @@ class XDecoder(nn.Module):
         start: int = 0,
         cache: bool = False,
         record: list[torch.Tensor] | None = None,
+        self_attention: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """Caption rows after the last layer, decoder-normed and projected by `caping_embed`.
 
         token_features (B, L, D): text token features of caption positions start..start+L-1. Content
         is E, position E + pos_embed_caping. Rows are causal: with start > 0 the earlier positions
         come from `state.joint_kv` (filled by previous calls with `cache=True`). Returns (B, L, D).
-        `record` receives the projected rows of the heads before the first layer and after the last.
+        `record` receives the projected rows of the heads before the first layer and after the last;
+        `self_attention` receives, per layer, the projected self-attention queries (L, B, D) and keys
+        (Q + start + L, B, D) of the caption rows (what training supervises the attention with).
         """
         b, length, _ = token_features.shape
         if start > 0 and start != state.caption_length:
@@ -446,7 +449,10 @@ class XDecoder(nn.Module):
                 k_before, v_before = state.joint_kv[i] if start > 0 else state.self_kv[i]
                 k_all = torch.cat((k_before[: q + start], k_new), dim=0)
                 v_all = torch.cat((v_before[: q + start], v_new), dim=0)
-            rows = layer.norm(rows + attend(mha, project(mha, x, 0), k_all, v_all, causal))
+            q_new = project(mha, x, 0)
+            if self_attention is not None:
+                self_attention.append((q_new, k_all))
+            rows = layer.norm(rows + attend(mha, q_new, k_all, v_all, causal))
             rows = self.transformer_ffn_layers[i](rows)
         if cache:
             state.caption_length = start + length

@@ -45,6 +45,8 @@ GROUNDING_POS_WEIGHT = 4.0
 RETRIEVAL_SCALE = 20.0
 CAPTION_WEIGHT, RETRIEVAL_WEIGHT, PROBE_WEIGHT = 4.0, 2.0, 2.0
 CAPTION_NEGATIVES = 2048
+POINTER_WEIGHT = 1.0
+POINTER_LAYERS = (3, 4, 5)  # decoder layers whose first self-attention head points at the thing
 CONTENT_TOKEN_WEIGHT = 3.0  # caption tokens of size words, colours and shapes (what a mention needs)
 
 
@@ -100,9 +102,10 @@ def segmentation_loss(
     batch: Batch,
     vocab: list[torch.Tensor],
     logit_scale: torch.Tensor,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """Set-matched class CE + mask BCE + dice over the object queries of every head, and the last
-    head's queries matched to things: (embeds (M, D), shapes, size classes, caption places (M,))."""
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], list[torch.Tensor]]:
+    """Set-matched class CE + mask BCE + dice over the object queries of every head; the last
+    head's queries matched to things: (embeds (M, D), shapes, size classes, caption places (M,));
+    and per image the last head's query matched to the thing of each caption place (T_i,)."""
     q = heads[0].embeds.shape[1]  # object queries are 0..q-2; q-1 is the class query
     total = heads[0].embeds.new_zeros(())
     examples = batch.examples
@@ -110,6 +113,7 @@ def segmentation_loss(
     areas = [batch.mask_area(i, size) for i in range(len(examples))]
     targets = [pooled_targets(ex.masks, size, area) for ex, area in zip(examples, areas, strict=True)]
     matched: list[tuple[torch.Tensor, ...]] = []  # the last head's queries matched to things
+    place_queries: list[torch.Tensor] = []  # per image: the last head's query of each caption place
     for head in heads:
         for i, ex in enumerate(examples):
             logits = class_logits(head.embeds[i, : q - 1], vocab[i], logit_scale)  # (Q-1, C+1)
@@ -121,6 +125,9 @@ def segmentation_loss(
                 things = cols[is_thing]
                 targets_of_things = (ex.shapes[things], ex.size_classes[things], ex.caption_order[things])
                 matched.append((head.embeds[i, rows[is_thing]], *targets_of_things))
+                queries = torch.full((ex.shapes.shape[0],), -1, dtype=torch.long)
+                queries[ex.caption_order[things]] = torch.as_tensor(rows[is_thing], dtype=torch.long)
+                place_queries.append(queries)
             background = vocab[i].shape[0] - 1
             labels = torch.full((q - 1,), background, dtype=torch.long)
             labels[rows] = ex.labels[cols]
@@ -129,7 +136,8 @@ def segmentation_loss(
             ce = F.cross_entropy(logits, labels, weight=weight)
             bce, dice = mask_losses(masks[rows], targets[i][cols])
             total = total + CLASS_WEIGHT * ce + BCE_WEIGHT * bce + DICE_WEIGHT * dice
-    return total / len(examples), tuple(torch.cat(parts) for parts in zip(*matched, strict=True))
+    matched_things = tuple(torch.cat(parts) for parts in zip(*matched, strict=True))
+    return total / len(examples), matched_things, place_queries
 
 
 def grounding_loss(heads: list[HeadOutput], batch: Batch, phrase_emb: torch.Tensor, q: int) -> torch.Tensor:
@@ -173,13 +181,17 @@ def caption_loss(
     feats: torch.Tensor,
     rng: np.random.Generator,
     content_ids: torch.Tensor,
-) -> torch.Tensor:
-    """Next-token CE: caption row s predicts id s+1, up to and including the first end-of-text.
+    place_queries: list[torch.Tensor],
+    tokenizer: ClipTokenizer,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token CE: caption row s predicts id s+1, up to and including the first end-of-text, and
+    the pointer loss of the rows' attention (`pointer_loss`).
     Targets among `content_ids` (size words, colours, shapes) weigh `CONTENT_TOKEN_WEIGHT` in the mean.
 
     The softmax runs over the ids of the batch's captions plus `CAPTION_NEGATIVES` random ids of the
     vocabulary (a sampled softmax: the full 49,408-way softmax costs a fifth of a step)."""
-    rows = model.decoder.caption_rows(state, feats)[:, :-1]  # (B, L-1, D)
+    attention: list[tuple[torch.Tensor, torch.Tensor]] = []
+    rows = model.decoder.caption_rows(state, feats, self_attention=attention)[:, :-1]  # (B, L-1, D)
     targets = ids[:, 1:].clone()
     eos = ids.argmax(dim=1)
     targets[torch.arange(targets.shape[1])[None] >= eos[:, None]] = -100
@@ -193,7 +205,51 @@ def caption_loss(
     targets = torch.where(targets >= 0, position[targets.clamp_min(0)], targets)
     logits = rows @ vocab[candidates].T  # (B, L-1, K)
     ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
-    return (ce * weights.flatten()).sum() / weights.sum()
+    pointer = pointer_loss(model, attention, pointer_targets(ids, place_queries, content_ids, tokenizer))
+    return (ce * weights.flatten()).sum() / weights.sum(), pointer
+
+
+def pointer_targets(
+    ids: torch.Tensor, place_queries: list[torch.Tensor], content_ids: torch.Tensor, tokenizer: ClipTokenizer
+) -> torch.Tensor:
+    """(B, L-1): for caption row s, the object query of the thing whose size, colour or shape word
+    is token s+1 (the mention count is the number of articles "a" so far), -1 for every other row."""
+    article = tokenizer.tokenize("a")[0]
+    stop = tokenizer.tokenize("on")[0]
+    targets = torch.full((ids.shape[0], ids.shape[1] - 1), -1, dtype=torch.long)
+    is_content = torch.isin(ids, content_ids).tolist()
+    for b, row in enumerate(ids.tolist()):
+        place = -1
+        for s, token in enumerate(row[1:]):
+            if token == stop:
+                break
+            place += token == article
+            if is_content[b][s + 1] and 0 <= place < len(place_queries[b]):
+                targets[b, s] = place_queries[b][place]
+    return targets
+
+
+def pointer_loss(
+    model: XDecoderModel, attention: list[tuple[torch.Tensor, torch.Tensor]], targets: torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy of the first self-attention head of the caption rows in `POINTER_LAYERS` against
+    the object query of the thing each row's next word describes. attention: per layer the caption
+    rows' projected queries (L, B, D) and keys (Q + L, B, D); targets (B, L-1), -1 = unsupervised."""
+    decoder = model.decoder
+    q, head_dim = decoder.num_queries, decoder.cfg.hidden_dim // decoder.num_heads
+    supervised = targets >= 0
+    if not bool(supervised.any()):
+        return attention[0][0].sum() * 0.0
+    length = targets.shape[1]
+    blocked = decoder.self_attn_mask[0, q : q + length, : q + length + 1]  # (L-1, Q + L)
+    total = attention[0][0].new_zeros(())
+    for layer in POINTER_LAYERS:
+        queries, keys = attention[layer]
+        scores = torch.einsum("lbd,kbd->blk", queries[:length, :, :head_dim], keys[:, :, :head_dim])
+        scores = (scores / head_dim**0.5).masked_fill(blocked, float("-inf"))
+        log_probs = scores.log_softmax(-1)[supervised]  # (S, Q + L)
+        total = total - log_probs.gather(1, targets[supervised][:, None]).mean()
+    return total / len(POINTER_LAYERS)
 
 
 def retrieval_loss(
@@ -234,7 +290,7 @@ def recipe_losses(
     emb = class_embeddings(model, tokenizer, names, rng)
     index = {n: k for k, n in enumerate(names)}
     vocab = [emb[[index[n] for n in [*ex.vocabulary, "background"]]] for ex in examples]
-    loss_seg, matched = segmentation_loss(seg_heads, batch, vocab, text.logit_scale)
+    loss_seg, matched, place_queries = segmentation_loss(seg_heads, batch, vocab, text.logit_scale)
     loss_probe = loss_probe + query_probe_loss(probes, *matched)
 
     _, attention, token_feats, phrase_emb = text_features(
@@ -247,7 +303,9 @@ def recipe_losses(
 
     ids, _, caption_feats, caption_emb = text_features(model, tokenizer, [ex.caption for ex in examples])
     state = model.decoder.caption_state_from_rows(rows, memory)
-    loss_caption = caption_loss(model, state, ids, caption_feats, rng, content_token_ids(tokenizer))
+    loss_caption, loss_pointer = caption_loss(
+        model, state, ids, caption_feats, rng, content_token_ids(tokenizer), place_queries, tokenizer
+    )
 
     negatives = [n for ex in examples for n in ex.negatives]
     _, _, _, negative_emb = text_features(model, tokenizer, negatives)
@@ -261,6 +319,7 @@ def recipe_losses(
         + CAPTION_WEIGHT * loss_caption
         + RETRIEVAL_WEIGHT * loss_retrieval
         + PROBE_WEIGHT * loss_probe
+        + POINTER_WEIGHT * loss_pointer
     )
     return {
         "loss": total,
@@ -269,4 +328,5 @@ def recipe_losses(
         "caption": loss_caption.detach(),
         "retrieval": loss_retrieval.detach(),
         "probe": loss_probe.detach(),
+        "pointer": loss_pointer.detach(),
     }
