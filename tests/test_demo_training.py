@@ -10,7 +10,13 @@ import torch
 
 from models.configs import get_config
 from models.demo.data import Example, ExampleStream, make_batch
-from models.demo.losses import content_token_ids, recipe_losses, segmentation_loss
+from models.demo.losses import (
+    content_token_ids,
+    pointer_loss,
+    pointer_targets,
+    recipe_losses,
+    segmentation_loss,
+)
 from models.demo.msda_grad import enable_msda_gradients
 from models.demo.probes import RegionProbes, region_features
 from models.demo.shapesworld import SHAPES, THING_COLOURS
@@ -140,7 +146,7 @@ def test_segmentation_loss_hands_back_every_thing_matched_once() -> None:
         torch.nn.functional.normalize(torch.randn(len(ex.vocabulary) + 1, dim), dim=-1)
         for ex in batch.examples
     ]
-    loss, (embeds, shapes, sizes, orders) = segmentation_loss(
+    loss, (embeds, shapes, sizes, orders), place_queries = segmentation_loss(
         heads, batch, vocab, model.text_encoder.logit_scale
     )
     assert torch.isfinite(loss)
@@ -153,6 +159,47 @@ def test_segmentation_loss_hands_back_every_thing_matched_once() -> None:
         for got, want in ((shapes, ex.shapes), (sizes, ex.size_classes), (orders, ex.caption_order)):
             torch.testing.assert_close(got[start : start + n].sort().values, want.sort().values)
         start += n
+    # per image, caption place p -> the last head's query matched to that thing (distinct queries)
+    q = model.decoder.num_queries
+    start = 0
+    for i, (ex, queries) in enumerate(zip(batch.examples, place_queries, strict=True)):
+        n = ex.shapes.shape[0]
+        assert queries.shape == (n,) and len(set(queries.tolist())) == n
+        assert int(queries.min()) >= 0 and int(queries.max()) < q - 1
+        for k in range(n):
+            place = int(orders[start + k])
+            torch.testing.assert_close(embeds[start + k], heads[-1].embeds[i, queries[place]])
+        start += n
+
+
+def test_pointer_targets_name_the_query_of_each_mention_word() -> None:
+    tokenizer = ClipTokenizer()
+    caption = "a small red circle, a blue square and a large white star on grass under sky"
+    ids, _ = tokenizer.encode([caption], context_length=77)
+    places = [torch.tensor([9, 4, 12])]  # the queries of the things at caption places 0, 1, 2
+    targets = pointer_targets(ids, places, content_token_ids(tokenizer), tokenizer)
+    assert targets.shape == (1, 76)
+    # row s is supervised when token s+1 is a size, colour or shape word of a mention
+    pointed = [(tokenizer.decode([int(ids[0, s + 1])]), int(t)) for s, t in enumerate(targets[0]) if t >= 0]
+    assert pointed == [
+        ("small", 9), ("red", 9), ("circle", 9),
+        ("blue", 4), ("square", 4),
+        ("large", 12), ("white", 12), ("star", 12),
+    ]  # fmt: skip
+
+
+def test_pointer_loss_is_low_only_when_the_first_head_attends_to_the_target() -> None:
+    model = XDecoderModel(get_config("demo"))
+    q, d = model.decoder.num_queries, model.cfg.decoder.hidden_dim
+    length = 6  # caption positions: rows 0..4 predict positions 1..5
+    keys = torch.zeros(q + length, 1, d)
+    keys[3, 0, 0] = 100.0  # only query 3's key lies along the first axis of head 0
+    queries = torch.zeros(length, 1, d)
+    queries[:, 0, 0] = 1.0
+    attention = [(queries, keys)] * model.decoder.num_layers
+    assert pointer_loss(model, attention, torch.tensor([[-1, 3, 3, -1, -1]])) < 1e-3
+    assert pointer_loss(model, attention, torch.tensor([[-1, 7, 7, -1, -1]])) > 5
+    assert pointer_loss(model, attention, torch.full((1, 5), -1)) == 0
 
 
 def test_caption_content_tokens_are_the_mention_words() -> None:
