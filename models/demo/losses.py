@@ -8,6 +8,9 @@
                                           threshold of `Predictor.refer`) + mask BCE + dice  `loss_ground`
       caption rows (teacher forcing)   -> next-token CE against the token embeddings, size,
                                           colour and shape tokens weighted up  `loss_caption`
+                                          + the first self-attention head of a row whose next
+                                          word is a mention's size, colour or shape (layers
+                                          4 to 6) points at that thing's matched query `loss_pointer`
       pooled class query + res5 proj   -> contrastive with the captions (the retrieval score of
                                           `Predictor.retrieve`), perturbed captions as negatives
                                                                                     `loss_retrieval`
