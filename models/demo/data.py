@@ -41,8 +41,9 @@ ABSENT_PHRASE_SHAPE_CONTRASTS = 0.5
 # Phrase forms drawn in training, in `phrases.FORMS` order (single, extreme, relation, all, absent).
 # A drawn form that cannot fit the scene falls back to a single-target or an absent phrase, so the
 # shares that come out are about 34 / 6 / 16 / 18 / 27 % (600 training scenes), within two points of
-# those the shipped run trained with. Drawing the side form ("the red circle on the left") two or
-# three times as often did not make it better (runs 13a and 13b in the model card).
+# what run 9a got from the earlier draw; the shipped run 15a trained with these. Drawing the side form
+# ("the red circle on the left") two or three times as often did not make it better (runs 13a and 13b
+# in the model card).
 TRAINING_PHRASE_FORMS = (0.255, 0.125, 0.205, 0.165, 0.25)
 
 
