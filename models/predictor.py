@@ -47,10 +47,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.beam_caption import beam_caption
 from models.checkpoint import load_checkpoint, quick_hash
 from models.configs import XDecoderConfig, config_names, get_config
 from models.decoders.xdecoder import class_logits
-from models.language.tokenizer import ClipTokenizer
+from models.language.tokenizer import EOS_ID, PERIOD_ID, ClipTokenizer
 from models.postprocess import (
     caption_from_tokens,
     grounding_scores,
@@ -140,6 +141,9 @@ INSTANCE_THRESHOLD = 0.0
 # score without its temperature); multi-match keeps those above this threshold.
 REFER_THRESHOLD = 0.5
 CAPTION_STEPS = 50
+# Beam-search captions are ranked by summed log-probability + this weight x the image-text retrieval
+# score (a cosine mean in [-1, 1]); chosen on the demo model (models/demo/README.md).
+CAPTION_RANK_WEIGHT = 10.0
 DEMO_WEIGHTS = Path(__file__).with_name("weights") / "demo.safetensors"
 DEMO_SEED = 0
 
@@ -414,10 +418,28 @@ class Predictor:
         with self._autocast():
             return self.model.greedy_caption(features, steps, early_stop)
 
-    def caption(self, images: list[np.ndarray]) -> list[str]:
-        """One caption per image (greedy, text before the first end-of-text and the first '.')."""
-        tokens = self.caption_tokens(images)
-        return [caption_from_tokens(row, self.tokenizer) for row in tokens.tolist()]
+    def caption(self, images: list[np.ndarray], beams: int = 1) -> list[str]:
+        """One caption per image, the text before the first end-of-text and the first '.'.
+
+        beams = 1: greedy, the official decoding. beams > 1: beam search (`models.beam_caption`); of
+        its finished captions the one with the highest summed log-probability + CAPTION_RANK_WEIGHT x
+        the model's own image-text retrieval score."""
+        if beams == 1:
+            tokens = self.caption_tokens(images)
+            return [caption_from_tokens(row, self.tokenizer) for row in tokens.tolist()]
+        if self.runtime != "torch":
+            raise ValueError(f"beam search needs the torch runtime, not {self.runtime!r}; use beams=1")
+        _, features = self._encode(images, "captioning")
+        with self._autocast():
+            found = beam_caption(self.model, features, beams, CAPTION_STEPS, {EOS_ID, PERIOD_ID})
+        image_emb = self.embed_images(images)
+        captions = []
+        for i, candidates in enumerate(found):
+            texts = [caption_from_tokens(c.ids, self.tokenizer) for c in candidates]
+            retrieval = (self.embed_texts(texts) @ image_emb[i]).tolist()
+            ranks = [c.log_prob + CAPTION_RANK_WEIGHT * r for c, r in zip(candidates, retrieval, strict=True)]
+            captions.append(texts[max(range(len(texts)), key=ranks.__getitem__)])
+        return captions
 
     @torch.inference_mode()
     def image_embeddings(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

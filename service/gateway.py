@@ -257,8 +257,15 @@ class Gateway:
     async def caption(self, call: Call, fields: CaptionFields, image: bytes) -> dict:
         self.check_model(fields.model)
         self.check_task("caption")
+        if fields.beams > 1 and self.settings.runtime != "torch":
+            raise bad_request(
+                "invalid_request",
+                f"Beam search (beams={fields.beams}) runs on the torch runtime only; this server runs "
+                f"{self.settings.runtime!r}. Send beams=1.",
+            )
         bucket, _ = self.image_bucket(image)
-        return self.finish(call, await self.run_job(call, "caption", "caption", bucket, {"image": image}))
+        item = {"image": image, "beams": fields.beams}
+        return self.finish(call, await self.run_job(call, "caption", "caption", bucket, item))
 
     async def retrieve(self, call: Call, fields: RetrieveFields, images: list[bytes]) -> dict:
         self.check_model(fields.model)

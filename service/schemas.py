@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from models.beam_caption import MAX_BEAMS
+
 
 def _name_list(value: Any) -> Any:
     """A JSON list, a JSON list in a string, or a comma-separated string -> list of names."""
@@ -79,6 +81,13 @@ class ReferFields(Fields):
 
 
 class CaptionFields(Fields):
+    beams: int = Field(
+        1,
+        ge=1,
+        le=MAX_BEAMS,
+        description="1: greedy decoding (the official one). More: beam search with this many beams; of "
+        "its captions the one with the best likelihood plus image-text score. Torch runtime only.",
+    )
     model: ModelName = None
     timeout: Timeout = None
 

@@ -303,12 +303,13 @@ class BatchRunner:
 
     def caption(self, options: dict, items: list[dict]) -> list[dict]:
         good, images, results = self._decode(items)
-        if good:
+        for beams in dict.fromkeys(items[i].get("beams", 1) for i in good):
+            group = [k for k, i in enumerate(good) if items[i].get("beams", 1) == beams]
             start = time.perf_counter()
-            captions = self.predictor.caption(images)
+            captions = self.predictor.caption([images[k] for k in group], beams=beams)
             inference_ms = (time.perf_counter() - start) * 1e3
-            for index, caption in zip(good, captions, strict=True):
-                self._finish(results, index, {"caption": caption}, inference_ms, time.perf_counter())
+            for k, caption in zip(group, captions, strict=True):
+                self._finish(results, good[k], {"caption": caption}, inference_ms, time.perf_counter())
         return results
 
     def _decode_many(self, items: list[dict]) -> tuple[list[int], list[list[np.ndarray]], list[dict]]:

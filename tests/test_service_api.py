@@ -150,6 +150,16 @@ def test_caption(client):
     assert isinstance(response.json()["caption"], str) and response.json()["caption"].strip()
 
 
+def test_caption_with_beams_json_and_multipart(client):
+    image = image_bytes(seed=4)
+    as_json = client.post("/v1/caption", json={"image": b64(image), "beams": 4})
+    as_form = client.post("/v1/caption", files={"image": ("i.png", image, "image/png")}, data={"beams": "4"})
+    assert as_json.status_code == 200, as_json.text
+    assert as_form.status_code == 200, as_form.text
+    assert as_json.json()["caption"].strip()
+    assert as_json.json()["caption"] == as_form.json()["caption"]
+
+
 def test_retrieve_json_and_multipart(client):
     images = [image_bytes(seed=1), image_bytes(80, 80, seed=2)]
     texts = ["a dark region", "a bright region", "stripes"]
@@ -335,6 +345,20 @@ BAD_INPUTS = [
         "unknown_field",
         "/v1/caption",
         {"json": {"image": b64(image_bytes()), "colour": 1}},
+        422,
+        "validation_error",
+    ),
+    (
+        "zero_beams",
+        "/v1/caption",
+        {"json": {"image": b64(image_bytes()), "beams": 0}},
+        422,
+        "validation_error",
+    ),
+    (
+        "too_many_beams",
+        "/v1/caption",
+        {"json": {"image": b64(image_bytes()), "beams": 17}},
         422,
         "validation_error",
     ),

@@ -52,6 +52,9 @@ def add_command(subparsers: Any) -> None:
     evaluate.add_argument("--galleries", type=int, default=2, help="retrieval galleries of 100 images")
     evaluate.add_argument("--seed", type=int, default=2026)
     evaluate.add_argument(
+        "--beams", type=int, default=1, help="caption beams (default 1: greedy, what serving does by default)"
+    )
+    evaluate.add_argument(
         "--json", type=Path, default=SCORES, help=f"where to write the scores (default {SCORES})"
     )
     evaluate.set_defaults(func=run_eval)
@@ -82,7 +85,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)
     predictor = Predictor.from_config("demo", checkpoint=args.weights)
-    settings = EvalSettings(num_images=args.images, galleries=args.galleries, seed=args.seed)
+    settings = EvalSettings(
+        num_images=args.images, galleries=args.galleries, seed=args.seed, caption_beams=args.beams
+    )
     scores = evaluate(predictor, settings)
     scores["model_id"] = predictor.model_id
     for name, value in scores.items():

@@ -44,6 +44,7 @@ class EvalSettings:
     gallery_size: int = 100
     seed: int = 2026
     batch_size: int = 16
+    caption_beams: int = 1  # 1: greedy captions, as served by default; more: beam search
 
 
 def render_scenes(rng: np.random.Generator, count: int) -> list[Scene]:
@@ -198,10 +199,13 @@ def f1(predicted: list, truth: list) -> tuple[int, int, int]:
     return hits, len(predicted), len(truth)
 
 
-def evaluate_captioning(predictor: Predictor, scenes: list[Scene], batch_size: int) -> dict[str, float]:
+def evaluate_captioning(
+    predictor: Predictor, scenes: list[Scene], batch_size: int, beams: int = 1
+) -> dict[str, float]:
     counts = np.zeros((2, 3))
     for group in chunks(scenes, batch_size):
-        for scene, caption in zip(group, predictor.caption([s.image for s in group]), strict=True):
+        captions = predictor.caption([s.image for s in group], beams=beams)
+        for scene, caption in zip(group, captions, strict=True):
             mentions, stuff = parse_caption(caption)
             true_mentions, true_stuff = scene_mentions(scene)
             counts[0] += f1(mentions, true_mentions)
@@ -242,7 +246,8 @@ def evaluate(predictor: Predictor, settings: EvalSettings) -> dict[str, float]:
     scores: dict[str, float] = {"images": settings.num_images, "seed": settings.seed}
     scores |= evaluate_segmentation(predictor, scenes, rng, settings.batch_size)
     scores |= evaluate_referring(predictor, scenes, rng, settings.batch_size)
-    scores |= evaluate_captioning(predictor, scenes, settings.batch_size)
+    scores |= evaluate_captioning(predictor, scenes, settings.batch_size, settings.caption_beams)
+    scores["caption_beams"] = settings.caption_beams
     if settings.galleries:
         scores |= evaluate_retrieval(
             predictor, rng, settings.galleries, settings.gallery_size, settings.batch_size

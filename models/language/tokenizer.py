@@ -29,6 +29,7 @@ BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 BOS_ID = 49406
 EOS_ID = 49407
+PERIOD_ID = 269  # "." (captions are cut at the first one)
 PAD_ID = EOS_ID
 VOCAB_SIZE = 49408
 NUM_MERGES = VOCAB_SIZE - 2 * 256 - 2  # 48,894
