@@ -6,7 +6,9 @@ keeps the `beams` best by summed log-probability, and sets aside a hypothesis as
 new token ends the caption (end-of-text, or the period the returned text is cut at). The cached keys
 and values of the text encoder and the caption rows follow their hypotheses from step to step.
 
-`Predictor.caption(images, beams=...)` ranks the finished captions (`rank_captions`).
+The search stops once `beams` hypotheses of every image have finished (the first to finish, as
+`early_stopping=True` does in common implementations), so a later and likelier one can be missed.
+`Predictor.caption(images, beams=...)` picks among the finished captions.
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ def repeat_state(state: CaptionState, times: int) -> CaptionState:
 def beam_caption(
     model: XDecoderModel, features: ImageFeatures, beams: int, steps: int, end_ids: set[int]
 ) -> list[list[CaptionCandidate]]:
-    """Per image of `features` (B images), `beams` finished captions, best summed log-probability
-    first. The search stops once every image has `beams` finished captions, or after `steps` steps;
+    """Per image of `features` (B images), the first `beams` captions to finish, best summed
+    log-probability first. The search stops once every image has them, or after `steps` steps;
     hypotheses still live then count as finished."""
     if not 1 <= beams <= MAX_BEAMS:
         raise ValueError(f"beams must be between 1 and {MAX_BEAMS}, got {beams}")

@@ -53,6 +53,13 @@ def test_service_on_onnxruntime_answers_like_torch(demo_export: Path, tmp_path: 
                     for task in ("panoptic", "semantic", "instance")
                 }
                 answers[runtime]["caption"] = _post(client, "/v1/caption")
+                if runtime == "onnxruntime":  # beam search is torch-only: a clear 400, the server lives
+                    body = {"image": base64.b64encode(image_bytes(seed=3)).decode(), "beams": 4}
+                    refused = client.post("/v1/caption", json=body)
+                    assert refused.status_code == 400, refused.text
+                    assert refused.json()["error"]["code"] == "invalid_request"
+                    assert "torch runtime" in refused.json()["error"]["message"]
+                    assert client.get("/healthz").status_code == 200
                 answers[runtime]["refer"] = _post(
                     client, "/v1/refer", phrase="the bright part", multi=True, threshold=0.0
                 )
