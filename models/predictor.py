@@ -432,13 +432,15 @@ class Predictor:
         _, features = self._encode(images, "captioning")
         with self._autocast():
             found = beam_caption(self.model, features, beams, CAPTION_STEPS, {EOS_ID, PERIOD_ID})
-        image_emb = self.embed_images(images)
-        captions = []
+        texts = [[caption_from_tokens(c.ids, self.tokenizer) for c in candidates] for candidates in found]
+        text_emb = self.embed_texts([text for image_texts in texts for text in image_texts])
+        image_emb = self.embed_images(images)  # the retrieval pass, at the retrieval input size
+        captions, first = [], 0
         for i, candidates in enumerate(found):
-            texts = [caption_from_tokens(c.ids, self.tokenizer) for c in candidates]
-            retrieval = (self.embed_texts(texts) @ image_emb[i]).tolist()
-            ranks = [c.log_prob + CAPTION_RANK_WEIGHT * r for c, r in zip(candidates, retrieval, strict=True)]
-            captions.append(texts[max(range(len(texts)), key=ranks.__getitem__)])
+            retrieval = text_emb[first : first + len(candidates)] @ image_emb[i]
+            first += len(candidates)
+            log_probs = torch.tensor([c.log_prob for c in candidates])
+            captions.append(texts[i][int((log_probs + CAPTION_RANK_WEIGHT * retrieval).argmax())])
         return captions
 
     @torch.inference_mode()

@@ -12,8 +12,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from models.beam_caption import MAX_BEAMS
-
 
 def _name_list(value: Any) -> Any:
     """A JSON list, a JSON list in a string, or a comma-separated string -> list of names."""
@@ -42,6 +40,7 @@ Timeout = Annotated[
     float | None, Field(None, gt=0, description="Seconds; lowers the server's deadline for this request.")
 ]
 ModelName = Annotated[str | None, Field(None, description="Model name; defaults to the loaded model.")]
+MAX_CAPTION_BEAMS = 16  # bound of a request's beams (8 beams cost about 2.5 greedy decodes, 16 about 4)
 Threshold = Annotated[
     float | None, Field(None, ge=0, le=1, description="Score threshold; unset: model default.")
 ]
@@ -84,7 +83,7 @@ class CaptionFields(Fields):
     beams: int = Field(
         1,
         ge=1,
-        le=MAX_BEAMS,
+        le=MAX_CAPTION_BEAMS,
         description="1: greedy decoding (the official one). More: beam search with this many beams; of "
         "its captions the one with the best likelihood plus image-text score. Torch runtime only.",
     )

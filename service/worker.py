@@ -303,8 +303,8 @@ class BatchRunner:
 
     def caption(self, options: dict, items: list[dict]) -> list[dict]:
         good, images, results = self._decode(items)
-        for beams in dict.fromkeys(items[i].get("beams", 1) for i in good):
-            group = [k for k, i in enumerate(good) if items[i].get("beams", 1) == beams]
+        for beams in dict.fromkeys(items[i]["beams"] for i in good):
+            group = [k for k, i in enumerate(good) if items[i]["beams"] == beams]
             start = time.perf_counter()
             captions = self.predictor.caption([images[k] for k in group], beams=beams)
             inference_ms = (time.perf_counter() - start) * 1e3
