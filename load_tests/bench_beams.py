@@ -20,16 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.demo.evaluate import f1, parse_caption, render_scenes
-from models.demo.phrases import scene_mentions
+from models.demo.evaluate import caption_counts, f1_of_counts, render_scenes
 from models.predictor import Predictor
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def f1_score(counts: np.ndarray) -> float:
-    """counts (3,): matches, predicted, true -> F1."""
-    return float(2 * counts[0] / max(counts[1] + counts[2], 1))
 
 
 def main() -> None:
@@ -44,24 +38,22 @@ def main() -> None:
     scenes = render_scenes(np.random.default_rng(args.seed), args.images)
     predictor.caption([scenes[0].image])  # warm-up
     rows = []
-    counts = sorted({1, *(int(b) for b in args.beams.split(","))})  # greedy first: the ratios' base
-    for beams in counts:
-        things, stuff, seconds = np.zeros(3), np.zeros(3), 0.0
+    beam_counts = sorted({1, *(int(b) for b in args.beams.split(","))})  # greedy first: the ratios' base
+    for beams in beam_counts:
+        counts, seconds = np.zeros((2, 3)), 0.0  # rows: thing mentions, stuff names
         for scene in scenes:
             start = time.process_time()
             caption = predictor.caption([scene.image], beams=beams)[0]
             seconds += time.process_time() - start
-            mentions, stuff_names = parse_caption(caption)
-            true_mentions, true_stuff = scene_mentions(scene)
-            things += f1(mentions, true_mentions)
-            stuff += f1(stuff_names, true_stuff)
+            counts += caption_counts(caption, scene)
+        things, stuff = counts
         rows.append(
             {
                 "beams": beams,
                 "ms_per_image": round(1e3 * seconds / len(scenes), 1),
-                "mention_f1": round(f1_score(things + stuff), 3),
-                "thing_f1": round(f1_score(things), 3),
-                "stuff_f1": round(f1_score(stuff), 3),
+                "mention_f1": round(f1_of_counts(things + stuff), 3),
+                "thing_f1": round(f1_of_counts(things), 3),
+                "stuff_f1": round(f1_of_counts(stuff), 3),
                 "things_named": int(things[1]),
                 "things_true": int(things[2]),
             }

@@ -40,7 +40,6 @@ Timeout = Annotated[
     float | None, Field(None, gt=0, description="Seconds; lowers the server's deadline for this request.")
 ]
 ModelName = Annotated[str | None, Field(None, description="Model name; defaults to the loaded model.")]
-MAX_CAPTION_BEAMS = 16  # bound of a request's beams (8 beams cost about 2.5 greedy decodes, 16 about 4)
 Threshold = Annotated[
     float | None, Field(None, ge=0, le=1, description="Score threshold; unset: model default.")
 ]
@@ -77,6 +76,9 @@ class ReferFields(Fields):
     mask_format: MaskFormat = "rle"
     threshold: Threshold = None
     timeout: Timeout = None
+
+
+MAX_CAPTION_BEAMS = 16  # bound of a request's beams (8 beams cost about 2.5 greedy decodes, 16 about 4)
 
 
 class CaptionFields(Fields):

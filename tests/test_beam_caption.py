@@ -8,13 +8,11 @@ import pytest
 import torch
 
 from models.beam_caption import beam_caption
-from models.configs import ResizeRule
 from models.decoders.caption_reference import caption_logits_full_pass
 from models.demo.shapesworld import render_scene
 from models.language.tokenizer import BOS_ID, EOS_ID, PERIOD_ID
 from models.postprocess import caption_from_tokens
 from models.predictor import CAPTION_STEPS, Predictor
-from models.preprocess import batch_images
 
 END_IDS = {EOS_ID, PERIOD_ID}
 
@@ -35,8 +33,8 @@ def test_candidate_log_probs_equal_full_passes(predictor: Predictor) -> None:
     model, beams = predictor.model, 4
     images = scene_images(2)
     with torch.inference_mode():
-        batch = batch_images(images, ResizeRule(scale=0.4, max_size=180))
-        features = model.encode_images(batch.tensor, batch.padded_sizes)
+        _, features = predictor._encode(images, "captioning")
+        assert features.memory.regions is not None  # the batch pads one of the two images
         found = beam_caption(model, features, beams, CAPTION_STEPS, END_IDS)
         assert [len(candidates) for candidates in found] == [beams, beams]
         for j in range(beams):

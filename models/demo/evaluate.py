@@ -199,6 +199,18 @@ def f1(predicted: list, truth: list) -> tuple[int, int, int]:
     return hits, len(predicted), len(truth)
 
 
+def caption_counts(caption: str, scene: Scene) -> np.ndarray:
+    """(2, 3): (matches, predicted, true) of the thing mentions (row 0) and the stuff names (row 1)."""
+    mentions, stuff = parse_caption(caption)
+    true_mentions, true_stuff = scene_mentions(scene)
+    return np.array([f1(mentions, true_mentions), f1(stuff, true_stuff)], dtype=float)
+
+
+def f1_of_counts(counts: np.ndarray) -> float:
+    """F1 of summed (matches, predicted, true) counts (3,)."""
+    return float(2 * counts[0] / max(counts[1] + counts[2], 1))
+
+
 def evaluate_captioning(
     predictor: Predictor, scenes: list[Scene], batch_size: int, beams: int = 1
 ) -> dict[str, float]:
@@ -206,18 +218,11 @@ def evaluate_captioning(
     for group in chunks(scenes, batch_size):
         captions = predictor.caption([s.image for s in group], beams=beams)
         for scene, caption in zip(group, captions, strict=True):
-            mentions, stuff = parse_caption(caption)
-            true_mentions, true_stuff = scene_mentions(scene)
-            counts[0] += f1(mentions, true_mentions)
-            counts[1] += f1(stuff, true_stuff)
-
-    def score(c: np.ndarray) -> float:
-        return float(2 * c[0] / max(c[1] + c[2], 1))
-
+            counts += caption_counts(caption, scene)
     return {
-        "caption_thing_f1": score(counts[0]),
-        "caption_stuff_f1": score(counts[1]),
-        "caption_mention_f1": score(counts.sum(axis=0)),
+        "caption_thing_f1": f1_of_counts(counts[0]),
+        "caption_stuff_f1": f1_of_counts(counts[1]),
+        "caption_mention_f1": f1_of_counts(counts.sum(axis=0)),
     }
 
 
