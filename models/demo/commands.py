@@ -35,6 +35,12 @@ def add_command(subparsers: Any) -> None:
         "--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)"
     )
     train.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="training processes, one core each, sharing every batch (the shipped run used 2)",
+    )
+    train.add_argument(
         "--out", type=Path, default=DEMO_WEIGHTS, help=f"weights file (default {DEMO_WEIGHTS})"
     )
     train.add_argument("--init", type=Path, default=None, help="start from these weights")
@@ -70,6 +76,7 @@ def run_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         seed=args.seed,
         threads=args.threads,
+        workers=args.workers,
         out=args.out,
         init=args.init,
     )

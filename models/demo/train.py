@@ -27,6 +27,7 @@ from models.demo.data import ExampleStream
 from models.demo.losses import recipe_losses
 from models.demo.msda_grad import enable_msda_gradients
 from models.demo.probes import RegionProbes
+from models.demo.workers import WorkerGroup, run_in_workers
 from models.language.tokenizer import ClipTokenizer
 from models.predictor import DEMO_WEIGHTS
 from models.xdecoder import XDecoderModel
@@ -42,7 +43,8 @@ class TrainSettings:
     warmup_steps: int = 50
     clip_norm: float = 1.0
     seed: int = 0
-    threads: int = 1  # one thread: OpenMP threads spin badly on a busy machine
+    threads: int = 1  # torch threads per worker: OpenMP threads spin badly on a busy machine
+    workers: int = 1  # processes (one core each); each trains on batch_size / workers images a step
     save_every_s: float = 180.0
     out: Path | None = DEMO_WEIGHTS  # None: do not write weights
     init: Path | None = None  # start from these weights instead of a fresh initialisation
@@ -105,18 +107,25 @@ def learning_rate(settings: TrainSettings, step: int, progress: float) -> float:
 def train(settings: TrainSettings, log: Callable[[str], None] = print) -> list[dict[str, float]]:
     """Run the recipe; returns the logged history (one dict per logged step).
 
-    Uses `settings.threads` torch threads and restores the caller's thread count afterwards.
+    With `settings.workers > 1` the steps are shared by that many processes (`models.demo.workers`);
+    otherwise the recipe runs here, in `settings.threads` torch threads, and the caller's thread count
+    is restored afterwards.
     """
+    if settings.batch_size % settings.workers:
+        raise ValueError(f"batch size {settings.batch_size} does not split over {settings.workers} workers")
+    if settings.workers > 1:
+        return run_in_workers(settings, log, run_recipe, settings.workers)
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(settings.threads)
     try:
-        return run_recipe(settings, log)
+        return run_recipe(settings, log, WorkerGroup())
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def run_recipe(settings: TrainSettings, log: Callable[[str], None]) -> list[dict[str, float]]:
-    """The training loop of `train`, in the current thread setting."""
+def run_recipe(settings: TrainSettings, log: Callable[[str], None], group: WorkerGroup) -> list[dict[str, float]]:
+    """The training loop of `train`, in one process of `group`: its share of every batch, gradients
+    averaged over the group, and only the leading process logs and writes weights."""
+    torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     enable_msda_gradients()
     model = XDecoderModel(get_config("demo"))
@@ -128,8 +137,11 @@ def run_recipe(settings: TrainSettings, log: Callable[[str], None]) -> list[dict
     probes = RegionProbes.for_model(model.cfg)
     tokenizer = ClipTokenizer()
     optimizer = build_optimizer(model, settings, probes)
-    rng = np.random.default_rng(settings.seed)
-    stream = ExampleStream(rng, training_rule(model), settings.batch_size)
+    params = [p for p in (*model.parameters(), *probes.parameters()) if p.requires_grad]
+    group.share_parameters(params)
+    # Rank 0 draws the images a single process would; the others draw their own.
+    rng = np.random.default_rng(settings.seed if group.leads else [settings.seed, group.rank])
+    stream = ExampleStream(rng, training_rule(model), settings.batch_size // group.size)
     budget = settings.minutes * 60.0
     start = last_save = time.monotonic()
     history: list[dict[str, float]] = []
@@ -139,18 +151,20 @@ def run_recipe(settings: TrainSettings, log: Callable[[str], None]) -> list[dict
         progress = elapsed / budget
         if settings.max_steps is not None:
             progress = max(progress, step / settings.max_steps)
+        progress = group.agree(progress)
         if progress >= 1.0:
             break
         lr = learning_rate(settings, step, progress)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr
         losses = recipe_losses(model, probes, tokenizer, stream.next_batch(), rng)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
+        group.average_gradients(params)
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_norm)
         optimizer.step()
         step += 1
-        if step % settings.log_every == 0 or step == 1:
+        if group.leads and (step % settings.log_every == 0 or step == 1):
             row = {k: float(v.detach()) for k, v in losses.items()} | {
                 "step": step,
                 "lr": lr,
@@ -159,10 +173,10 @@ def run_recipe(settings: TrainSettings, log: Callable[[str], None]) -> list[dict
             history.append(row)
             parts = " ".join(f"{k} {v:.3f}" for k, v in row.items() if k in losses)
             log(f"step {step} t {elapsed:.0f}s lr {lr:.2e} {parts}")
-        if settings.out is not None and time.monotonic() - last_save > settings.save_every_s:
+        if group.leads and settings.out is not None and time.monotonic() - last_save > settings.save_every_s:
             save_weights(model, settings.out)
             last_save = time.monotonic()
-    if settings.out is not None:
+    if group.leads and settings.out is not None:
         save_weights(model, settings.out)
         log(f"wrote {settings.out} after {step} steps, {time.monotonic() - start:.0f}s")
     return history
