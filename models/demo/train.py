@@ -122,7 +122,9 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> list[d
         torch.set_num_threads(previous_threads)
 
 
-def run_recipe(settings: TrainSettings, log: Callable[[str], None], group: WorkerGroup) -> list[dict[str, float]]:
+def run_recipe(
+    settings: TrainSettings, log: Callable[[str], None], group: WorkerGroup
+) -> list[dict[str, float]]:
     """The training loop of `train`, in one process of `group`: its share of every batch, gradients
     averaged over the group, and only the leading process logs and writes weights."""
     torch.set_num_threads(settings.threads)

@@ -73,7 +73,9 @@ class WorkerGroup:
 Recipe = Callable[[Any, Callable[[str], None], WorkerGroup], list[dict[str, float]]]
 
 
-def run_in_workers(settings: Any, log: Callable[[str], None], recipe: Recipe, workers: int) -> list[dict[str, float]]:
+def run_in_workers(
+    settings: Any, log: Callable[[str], None], recipe: Recipe, workers: int
+) -> list[dict[str, float]]:
     """Run `recipe` in `workers` spawned processes; returns rank 0's history. Log lines of rank 0 are
     passed to `log` here, as they come. A worker that fails stops the run with its traceback."""
     context = mp.get_context("spawn")
@@ -114,9 +116,7 @@ def run_in_workers(settings: Any, log: Callable[[str], None], recipe: Recipe, wo
     return history
 
 
-def _worker(
-    rank: int, size: int, rendezvous: str, settings: Any, recipe: Recipe, messages: Any
-) -> None:
+def _worker(rank: int, size: int, rendezvous: str, settings: Any, recipe: Recipe, messages: Any) -> None:
     """One training process: join the group, run the recipe, send rank 0's results back."""
     try:
         dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=size)
