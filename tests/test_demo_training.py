@@ -93,6 +93,33 @@ def test_train_writes_loadable_fp16_weights(tmp_path: Path) -> None:
     assert isinstance(predictor.caption([image])[0], str)
 
 
+@pytest.mark.slow
+def test_two_workers_share_the_steps_and_stay_identical(tmp_path: Path) -> None:
+    """Two spawned worker processes, gloo all-reduce: the run logs every step from rank 0, ends with
+    the copies bit-identical (the run checks it and would raise) and writes loadable weights."""
+    out = tmp_path / "demo.safetensors"
+    lines: list[str] = []
+    history = train(
+        TrainSettings(max_steps=3, batch_size=2, workers=2, out=out, log_every=1), log=lines.append
+    )
+    assert [row["step"] for row in history] == [1, 2, 3]
+    assert all(np.isfinite(row["loss"]) for row in history)
+    assert lines[-1].startswith(f"wrote {out} after 3 steps")
+    reloaded = Predictor.from_config("demo", checkpoint=out)
+    assert isinstance(reloaded.caption([np.zeros((200, 300, 3), dtype=np.uint8)])[0], str)
+
+
+def test_a_failing_worker_stops_the_run_with_its_error(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(RuntimeError, match=r"worker \d:\n"):
+        train(TrainSettings(max_steps=1, batch_size=2, workers=2, out=None, init=missing), log=lambda _: None)
+
+
+def test_the_batch_must_split_over_the_workers() -> None:
+    with pytest.raises(ValueError, match="does not split over 3 workers"):
+        train(TrainSettings(max_steps=1, batch_size=8, workers=3, out=None), log=lambda _: None)
+
+
 def test_example_stream_uses_every_example_once_oldest_first() -> None:
     rule = get_config("demo").resize["segmentation"]
     stream = ExampleStream(np.random.default_rng(5), rule, batch_size=4, pool_size=12)

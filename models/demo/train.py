@@ -178,6 +178,7 @@ def run_recipe(
         if group.leads and settings.out is not None and time.monotonic() - last_save > settings.save_every_s:
             save_weights(model, settings.out)
             last_save = time.monotonic()
+    group.check_parameters_agree(params)
     if group.leads and settings.out is not None:
         save_weights(model, settings.out)
         log(f"wrote {settings.out} after {step} steps, {time.monotonic() - start:.0f}s")

@@ -61,6 +61,18 @@ class WorkerGroup:
             p.grad = flat[offset : offset + p.numel()].view_as(p)
             offset += p.numel()
 
+    def check_parameters_agree(self, params: list[nn.Parameter]) -> None:
+        """Raise if the workers' copies have drifted apart (a float64 sum and sum of squares of all
+        parameters, compared exactly: identical steps give identical bits)."""
+        if self.size == 1:
+            return
+        flat = torch.cat([p.detach().reshape(-1).double() for p in params])
+        digest = torch.stack((flat.sum(), flat.square().sum()))
+        digests = [torch.empty_like(digest) for _ in range(self.size)]
+        dist.all_gather(digests, digest)
+        if any(not torch.equal(d, digests[0]) for d in digests):
+            raise RuntimeError(f"the workers' model copies differ: {[d.tolist() for d in digests]}")
+
     def agree(self, value: float) -> float:
         """Rank 0's value, on every worker (the schedule's progress, so that all stop at one step)."""
         if self.size == 1:
@@ -97,7 +109,7 @@ def run_in_workers(
                 except queue.Empty:
                     dead = [p for p in processes if p.exitcode not in (None, 0)]
                     if dead:
-                        failure = f"training worker exited with code {dead[0].exitcode}"
+                        failure = _last_error(messages) or f"a worker exited with code {dead[0].exitcode}"
                     continue
                 if kind == "log":
                     log(payload)
@@ -114,6 +126,18 @@ def run_in_workers(
         raise RuntimeError(f"data-parallel training failed:\n{failure}")
     assert history is not None
     return history
+
+
+def _last_error(messages: Any) -> str | None:
+    """The error report among the messages still queued, if a worker sent one before it died."""
+    error = None
+    try:
+        while True:
+            kind, payload = messages.get(timeout=1.0)
+            if kind == "error":
+                error = payload
+    except queue.Empty:
+        return error
 
 
 def _worker(rank: int, size: int, rendezvous: str, settings: Any, recipe: Recipe, messages: Any) -> None:
