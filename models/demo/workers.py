@@ -5,7 +5,7 @@ images), the gradients are averaged over the workers (gloo all-reduce), and ever
 same optimizer step, so the copies stay identical. The first worker (rank 0) decides when the budget
 is spent, writes the weights and reports the log lines and the history back to the caller.
 
-    history = run_in_workers(settings, log, recipe)   # recipe(settings, log, group) in each worker
+    history = run_in_workers(settings, log, recipe, workers)   # recipe(settings, log, group) in each
 
 The demo model's steps are many short operations, so a second torch thread in one process adds
 almost nothing; two processes with half the batch each took about 1.1 s a step on a 2-core machine,
