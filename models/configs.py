@@ -26,6 +26,10 @@ class FocalNetConfig:
     focal_window: int = 3
     mlp_ratio: float = 4.0
     patch_size: int = 4
+    # Side (in patches) of a learned absolute position table added to the stem output, Swin's `ape`;
+    # 0: none, as in every released FocalNet. The table is cut to an image's patch grid from the top
+    # left (not resized), so an image gets the same features in a padded batch as alone.
+    position_table: int = 0
 
     @property
     def out_channels(self) -> list[int]:
@@ -156,7 +160,9 @@ _CONFIGS: dict[str, XDecoderConfig] = {
     # pixels become 77 to 179, and a radius keeps its size in pixels, as the size words need.
     "demo": XDecoderConfig(
         name="demo",
-        backbone=FocalNetConfig(variant="focal_dw", embed_dim=24, depths=(1, 1, 2, 1), focal_levels=2),
+        backbone=FocalNetConfig(
+            variant="focal_dw", embed_dim=24, depths=(1, 1, 2, 1), focal_levels=2, position_table=64
+        ),
         pixel_decoder=PixelDecoderConfig(
             name="transformer_encoder_deform", num_points=4, **MINIATURE_PIXEL_DECODER
         ),

@@ -146,6 +146,12 @@ class FocalNet(nn.Module):
         super().__init__()
         stem_padding = 3 if cfg.variant == "focal_dw" else 2
         self.patch_embed = PatchEmbed(3, cfg.embed_dim, 7, cfg.patch_size, stem_padding)
+        self.patch_size = cfg.patch_size
+        self.absolute_pos_embed: nn.Parameter | None = None
+        if cfg.position_table:
+            side = cfg.position_table
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, cfg.embed_dim, side, side))
+            nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
         dims = cfg.out_channels
         last = len(cfg.depths) - 1
         self.layers = nn.ModuleList(
@@ -155,9 +161,22 @@ class FocalNet(nn.Module):
             self.add_module(f"norm{i}", nn.LayerNorm(dim))
         self.out_channels = dims
 
+    def position_table(self, h: int, w: int) -> torch.Tensor:
+        """(1, h, w, C): the top-left h x w patches of the absolute position table."""
+        assert self.absolute_pos_embed is not None
+        side = self.absolute_pos_embed.shape[-1]
+        if h > side or w > side:
+            raise ValueError(
+                f"an input of {h * self.patch_size}x{w * self.patch_size} pixels has more patches ({h}x{w}) "
+                f"than the backbone's position table ({side}x{side})"
+            )
+        return self.absolute_pos_embed[:, :, :h, :w].permute(0, 2, 3, 1)
+
     def forward(self, images: torch.Tensor, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """images (B, 3, H, W); valid (B, 1, H, W) float mask of each image's area or None."""
-        x = self.patch_embed(images)
+        x = self.patch_embed(images)  # (B, H/4, W/4, C)
+        if self.absolute_pos_embed is not None:
+            x = x + self.position_table(x.shape[1], x.shape[2])
         features = {}
         for i, stage in enumerate(self.layers):
             stride = 4 * 2**i
