@@ -1,9 +1,9 @@
 """The shipped demo weights: loaded by default, small, and scoring well on fresh ShapesWorld images.
 
 A small seeded set (24 images, one 24-image retrieval gallery) keeps this fast; `openset eval-demo`
-runs the full evaluation (100 images, 100-image galleries). The bars below are those of the issue
-where the shipped model meets them on this small set too, else a stated lower bar (see
-models/demo/README.md for the full scores); an untrained model scores near zero on every one of them.
+runs the full evaluation (100 images, 100-image galleries). The bars below are the targets of the
+issue, which the shipped model meets on this small set too (see models/demo/README.md for the full
+scores); an untrained model scores near zero on every one of them but the empty answers.
 """
 
 from __future__ import annotations
@@ -14,16 +14,15 @@ import pytest
 from models.demo.evaluate import SINGLE_FORM_SCORES, EvalSettings, evaluate
 from models.predictor import DEMO_WEIGHTS, Predictor
 
-# The issue's target, or a lower bar (marked) where the target is missed or 24 images vary too much
-# to hold it; every bar is far above the untrained model on this set (in brackets).
+# The issue's targets, with the shipped model's score on this set and the untrained model's (in
+# brackets).
 BARS = {
-    "seg_miou_seen": 0.80,  # lower bar; target 0.85, met on the full evaluation (0.867), 0.846 on
-    # this set [0.03]
-    "seg_miou_held_out": 0.60,  # target, 0.646 on this set [0.0]
-    "refer_miou_single": 0.55,  # lower bar; target 0.70, 0.649 on this set [0.05]
-    "refer_empty_share": 0.50,  # lower bar; target 0.80, met on the full evaluation (0.81); on this
-    # set 16 of the 24 absent phrases get the empty answer (0.667) [1.0: untrained scores never pass 0.5]
-    "caption_mention_f1": 0.55,  # lower bar; target 0.80, 0.622 on this set [0.0]
+    "seg_miou_seen": 0.85,  # target, 0.907 on this set [0.03]
+    "seg_miou_held_out": 0.60,  # target, 0.912 on this set [0.0]
+    "refer_miou_single": 0.70,  # target, 0.710 on this set [0.05]
+    "refer_empty_share": 0.80,  # target; 23 of the 24 absent phrases get the empty answer (0.958)
+    # [1.0: untrained scores never pass 0.5]
+    "caption_mention_f1": 0.80,  # target, 0.881 on this set [0.0]
     "caption_stuff_f1": 0.90,  # 1.0 on this set [0.0]
     "retrieval_r1": 0.70,  # target, 1.0 on this set [0.04]
 }
