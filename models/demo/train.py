@@ -88,7 +88,8 @@ def build_optimizer(
     decay, plain = [], []
     named = [*model.named_parameters(), *probes.named_parameters(prefix="probes")]
     for name, p in named:
-        if p.ndim < 2 or "embedding" in name or "embed." in name or name.endswith(("level_embed", "pos_embed")):
+        no_decay_name = "embedding" in name or "embed." in name or name.endswith(("level_embed", "pos_embed"))
+        if p.ndim < 2 or no_decay_name:
             plain.append(p)
         else:
             decay.append(p)
