@@ -6,6 +6,11 @@ Two variants share this file:
   applied to the residual sum, stem conv padding 3.
 - `focal` (Focal-L): no depthwise convs, post-LN applied to the branch output, stem conv padding 2.
 
+Position table (`FocalNetConfig.position_table`, the demo config only; no released FocalNet has one):
+a learned (1, C, S, S) `absolute_pos_embed`, Swin's `ape`, added to the stem output. It is cut to the
+patch grid from the top left rather than resized, so padding a batch does not move it under an image;
+a grid larger than S x S is a `ValueError`.
+
 Feature maps run channels-last (B, H, W, C) inside the stages and are returned NCHW.
 
 Padding. A batch of images of different sizes is zero-padded to a common size. `valid` masks
