@@ -26,9 +26,8 @@ class FocalNetConfig:
     focal_window: int = 3
     mlp_ratio: float = 4.0
     patch_size: int = 4
-    # Side (in patches) of a learned absolute position table added to the stem output, Swin's `ape`;
-    # 0: none, as in every released FocalNet. The table is cut to an image's patch grid from the top
-    # left (not resized), so an image gets the same features in a padded batch as alone.
+    # Side (in patches) of the learned absolute position table (`models.backbones.focalnet`);
+    # 0: none, as in every released FocalNet.
     position_table: int = 0
 
     @property

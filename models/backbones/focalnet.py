@@ -151,7 +151,6 @@ class FocalNet(nn.Module):
         super().__init__()
         stem_padding = 3 if cfg.variant == "focal_dw" else 2
         self.patch_embed = PatchEmbed(3, cfg.embed_dim, 7, cfg.patch_size, stem_padding)
-        self.patch_size = cfg.patch_size
         self.absolute_pos_embed: nn.Parameter | None = None
         if cfg.position_table:
             side = cfg.position_table
@@ -169,10 +168,10 @@ class FocalNet(nn.Module):
     def position_table(self, h: int, w: int) -> torch.Tensor:
         """(1, h, w, C): the top-left h x w patches of the absolute position table."""
         assert self.absolute_pos_embed is not None
-        side = self.absolute_pos_embed.shape[-1]
+        side, patch = self.absolute_pos_embed.shape[-1], self.patch_embed.stride
         if h > side or w > side:
             raise ValueError(
-                f"an input of {h * self.patch_size}x{w * self.patch_size} pixels has more patches ({h}x{w}) "
+                f"an input of {h * patch}x{w * patch} pixels has more patches ({h}x{w}) "
                 f"than the backbone's position table ({side}x{side})"
             )
         return self.absolute_pos_embed[:, :, :h, :w].permute(0, 2, 3, 1)
